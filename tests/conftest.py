@@ -1,0 +1,15 @@
+"""Strict numerics for every test (STYLE.md section 5, rule 7)."""
+
+import os
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    return jax.random.key(0)
