@@ -1,0 +1,370 @@
+"""Masked training of many seeds at once.
+
+Write init and step for ONE seed; `map_seeds` runs S seeds either as one vmapped program or as S calls of
+one compiled single-seed program (`strategy="sequential"`): both give the same numbers. XLA on CPU runs a
+vmapped convolution 4-5x slower than the seeds one after another (shared/ENV.md), so `default_strategy`
+picks sequential for conv nets on CPU and vmap elsewhere.
+
+Masked weights stay exactly zero: the gradient is masked and the mask re-applied after every update.
+`fit` is the host loop: an epoch is one jitted `lax.scan` over batches; between epochs it evaluates,
+shows progress, and checkpoints with orbax, so a killed run restarted with the same arguments resumes
+and ends bit-identical to an uninterrupted one (each epoch's data order is a function of the run key
+and the epoch number only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxprune import data as data_lib
+from jaxprune import masks
+
+PyTree = Any
+
+
+class TrainState(struct.PyTreeNode):
+    """One seed's training state; with a leading seed axis S on every leaf for many seeds.
+
+    `key` holds raw key data (`jax.random.key_data`, uint32) so orbax and vmap need nothing special;
+    `jax.random.wrap_key_data(state.key)` gives the typed key.
+    """
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    mask: PyTree
+    step: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0  # adamw only (decoupled)
+    batch_size: int = 128
+    epochs: int = 10
+    steps_per_epoch: int = 0  # 0: num_train // batch_size
+    eval_batch_size: int = 1000
+    seed_strategy: str = "auto"  # "auto", "vmap" or "sequential"
+    checkpoint_every: int = 1  # epochs; 0 disables checkpoints
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainConfig:
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown train config fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    if cfg.optimizer == "adam":
+        return optax.adam(cfg.learning_rate)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.learning_rate, momentum=cfg.momentum or None)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: adam, adamw, sgd")
+
+
+def init_variables(key: jax.Array, model: nn.Module, sample_x: jax.Array) -> tuple[PyTree, PyTree]:
+    """(params, batch_stats) of a fresh model; batch_stats is {} for models without BatchNorm."""
+    variables = model.init(key, sample_x, train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def init_state(
+    key: jax.Array,
+    model: nn.Module,
+    sample_x: jax.Array,
+    tx: optax.GradientTransformation,
+    mask: PyTree | None = None,
+) -> TrainState:
+    params_key, state_key = jax.random.split(key)
+    params, batch_stats = init_variables(params_key, model, sample_x)
+    return state_from_params(state_key, params, batch_stats, tx, mask)
+
+
+def state_from_params(
+    key: jax.Array,
+    params: PyTree,
+    batch_stats: PyTree,
+    tx: optax.GradientTransformation,
+    mask: PyTree | None = None,
+) -> TrainState:
+    """A fresh optimiser on given (e.g. trained, then pruned) params; pruned weights are zeroed."""
+    mask = masks.ones_like(params) if mask is None else mask
+    params = masks.apply(params, mask)
+    return TrainState(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        mask=mask,
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(key),
+    )
+
+
+def forward(
+    model: nn.Module, params: PyTree, batch_stats: PyTree, mask: PyTree | None, x: jax.Array, train: bool
+) -> tuple[jax.Array, PyTree]:
+    """Logits of the masked network m * w and the updated BatchNorm statistics (train mode)."""
+    p = params if mask is None else masks.apply(params, mask)
+    variables = {"params": p}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    if train and batch_stats:
+        logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+    return model.apply(variables, x, train=train), batch_stats
+
+
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def error_rate(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) != y)
+
+
+def train_step(
+    state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on the masked network; the gradient is masked and the mask re-applied."""
+
+    def loss_fn(params):
+        logits, bs = forward(model, params, state.batch_stats, state.mask, x, train=True)
+        return cross_entropy(logits, y), (logits, bs)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = masks.apply(grads, state.mask)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = masks.apply(optax.apply_updates(state.params, updates), state.mask)
+    new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
+    return new, {"loss": loss, "error": error_rate(logits, y)}
+
+
+def train_epoch(
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    steps: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`steps` masked steps in one scan; batch order is a function of `key` only."""
+    idx = data_lib.batch_indices(key, x.shape[0], batch_size, steps)
+
+    def body(s, idx_b):
+        return train_step(s, x[idx_b], y[idx_b], model=model, tx=tx)
+
+    return jax.lax.scan(body, state, idx)
+
+
+def predict(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    mask: PyTree | None,
+    x: jax.Array,
+    batch_size: int = 1000,
+) -> jax.Array:
+    """Eval-mode logits of m * w on all of x, in batches (scan), for any number of examples."""
+    n = x.shape[0]
+    b = min(batch_size, n)
+    nb = -(-n // b)
+    pad = nb * b - n
+    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+
+    def body(_, xb):
+        return None, forward(model, params, batch_stats, mask, xb, train=False)[0]
+
+    _, logits = jax.lax.scan(body, None, xp.reshape((nb, b) + x.shape[1:]))
+    return logits.reshape((nb * b,) + logits.shape[2:])[:n]
+
+
+def evaluate(
+    state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module, batch_size: int = 1000
+) -> dict[str, jax.Array]:
+    logits = predict(model, state.params, state.batch_stats, state.mask, x, batch_size)
+    return {"loss": cross_entropy(logits, y), "error": error_rate(logits, y)}
+
+
+# ----------------------------------------------------------------------------- many seeds
+
+
+def default_strategy(model_name: str, backend: str | None = None) -> str:
+    """vmap everywhere except conv nets on CPU, where XLA's batched convolutions are 4-5x slower."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return "vmap"
+    return "vmap" if model_name in ("mlp", "lenet300_100") else "sequential"
+
+
+def resolve_strategy(strategy: str, model_name: str) -> str:
+    if strategy == "auto":
+        return default_strategy(model_name)
+    if strategy not in ("vmap", "sequential"):
+        raise ValueError(f"seed strategy must be 'auto', 'vmap' or 'sequential', got {strategy!r}")
+    return strategy
+
+
+def num_seeds(tree: PyTree) -> int:
+    return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: str) -> Callable[..., Any]:
+    """Run a single-seed `fn` on S seeds: arguments with in_axes 0 carry a leading seed axis.
+
+    "vmap": one compiled program `jit(vmap(fn))`. "sequential": one compiled single-seed program called
+    S times, outputs stacked. Same numbers either way.
+    """
+    in_axes = tuple(in_axes)
+    if strategy == "vmap":
+        return jax.jit(jax.vmap(fn, in_axes=in_axes))
+    if strategy != "sequential":
+        raise ValueError(f"strategy must be 'vmap' or 'sequential', got {strategy!r}")
+    single = jax.jit(fn)
+
+    def run(*args):
+        if len(args) != len(in_axes):
+            raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
+        mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+        s = num_seeds(mapped)
+        outs = []
+        for i in range(s):
+            call = [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+            outs.append(single(*call))
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return run
+
+
+def seed_keys(seed: int, num: int) -> jax.Array:
+    """S independent typed keys from one integer seed."""
+    return jax.random.split(jax.random.key(seed), num)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _manager(directory: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+
+
+def save_checkpoint(directory: str, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Saves the whole (seed-stacked) state plus JSON metadata (e.g. history) at `step`."""
+    import orbax.checkpoint as ocp
+
+    with _manager(directory) as mgr:
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mgr.wait_until_finished()
+
+
+def restore_checkpoint(directory: str, target: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """(step, state, meta) of the latest checkpoint in `directory`, or None. `target` gives shapes."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(directory):
+        return None
+    with _manager(directory) as mgr:
+        step = mgr.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = mgr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+    return step, out["state"], out["meta"]
+
+
+# ----------------------------------------------------------------------------- host loop
+
+
+def fit(
+    model: nn.Module,
+    cfg: TrainConfig,
+    states: TrainState,
+    dataset: data_lib.Dataset,
+    run_keys: jax.Array,
+    *,
+    model_name: str = "",
+    checkpoint_dir: str | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    after_epoch: Callable[[int, TrainState], None] | None = None,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains S seeds (leading axis of `states` and `run_keys`) for cfg.epochs epochs.
+
+    Returns the final states and a history: one record per epoch with per-seed lists of the mean train
+    loss/error over the epoch's steps and the test loss/error. With `checkpoint_dir`, the state and the
+    history are saved every cfg.checkpoint_every epochs and at the end, and a later call resumes from
+    the latest checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    strategy = resolve_strategy(cfg.seed_strategy, model_name)
+    tx = make_optimizer(cfg)
+    x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
+    xt, yt = jnp.asarray(dataset.test.x), jnp.asarray(dataset.test.y)
+    steps = cfg.steps_per_epoch or x.shape[0] // cfg.batch_size
+    if steps <= 0:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {x.shape[0]} training examples")
+    if num_seeds(states) != run_keys.shape[0]:
+        raise ValueError(f"{num_seeds(states)} states but {run_keys.shape[0]} run keys")
+    epoch_fn = map_seeds(
+        functools.partial(train_epoch, model=model, tx=tx, batch_size=cfg.batch_size, steps=steps),
+        (0, None, None, 0),
+        strategy,
+    )
+    eval_fn = map_seeds(functools.partial(evaluate, model=model, batch_size=cfg.eval_batch_size), (0, None, None), strategy)
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint_dir and cfg.checkpoint_every:
+        restored = restore_checkpoint(checkpoint_dir, states)
+        if restored is not None:
+            start, states, meta = restored
+            history = list(meta["history"])
+    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not progress, initial=start, total=cfg.epochs)
+    for epoch in bar:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, epoch)
+        states, m = epoch_fn(states, x, y, keys)
+        ev = eval_fn(states, xt, yt)
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": np.asarray(m["loss"].mean(-1)).tolist(),
+            "train_error": np.asarray(m["error"].mean(-1)).tolist(),
+            "test_loss": np.asarray(ev["loss"]).tolist(),
+            "test_error": np.asarray(ev["error"]).tolist(),
+        }
+        history.append(rec)
+        bar.set_postfix(test_error=f"{np.mean(rec['test_error']):.4f}")
+        done = epoch + 1
+        if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+            save_checkpoint(checkpoint_dir, done, states, {"history": history})
+        if after_epoch is not None:
+            after_epoch(done, states)
+    return states, history
