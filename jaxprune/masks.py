@@ -33,12 +33,12 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def _ordered_leaf_paths(tree: PyTree, prefix: Path = ()) -> list[Path]:
+def leaf_paths_in_order(tree: PyTree, prefix: Path = ()) -> list[Path]:
     """Leaf paths in insertion order (the order in which flax created the modules)."""
     if isinstance(tree, Mapping):
         out: list[Path] = []
         for k, v in tree.items():
-            out.extend(_ordered_leaf_paths(v, prefix + (str(k),)))
+            out.extend(leaf_paths_in_order(v, prefix + (str(k),)))
         return out
     return [prefix]
 
@@ -88,7 +88,7 @@ def prunable_tree(
         lambda p, x: bool(path_str(p).split("/")[-1] in names and np.ndim(x) >= 2), params
     )
     if exclude_first_last:
-        order = [tuple(p) for p in (layer_order or _ordered_leaf_paths(params))]
+        order = [tuple(p) for p in (layer_order or leaf_paths_in_order(params))]
         kernels = [p for p in order if p and p[-1] in names and np.ndim(get_path(params, p)) >= 2]
         if len(kernels) < 3:
             raise ValueError(f"exclude_first_last needs >= 3 prunable layers, found {len(kernels)}")

@@ -303,6 +303,21 @@ def restore_checkpoint(directory: str, target: PyTree) -> tuple[int, PyTree, dic
 # ----------------------------------------------------------------------------- host loop
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(model: nn.Module, cfg: TrainConfig, steps: int, strategy: str):
+    """(epoch_fn, eval_fn) for S seeds, cached so repeated `fit` calls reuse one compilation."""
+    tx = make_optimizer(cfg)
+    epoch_fn = map_seeds(
+        functools.partial(train_epoch, model=model, tx=tx, batch_size=cfg.batch_size, steps=steps),
+        (0, None, None, 0),
+        strategy,
+    )
+    eval_fn = map_seeds(
+        functools.partial(evaluate, model=model, batch_size=cfg.eval_batch_size), (0, None, None), strategy
+    )
+    return epoch_fn, eval_fn
+
+
 def fit(
     model: nn.Module,
     cfg: TrainConfig,
@@ -326,7 +341,6 @@ def fit(
     from tqdm.auto import tqdm
 
     strategy = resolve_strategy(cfg.seed_strategy, model_name)
-    tx = make_optimizer(cfg)
     x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
     xt, yt = jnp.asarray(dataset.test.x), jnp.asarray(dataset.test.y)
     steps = cfg.steps_per_epoch or x.shape[0] // cfg.batch_size
@@ -334,12 +348,7 @@ def fit(
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {x.shape[0]} training examples")
     if num_seeds(states) != run_keys.shape[0]:
         raise ValueError(f"{num_seeds(states)} states but {run_keys.shape[0]} run keys")
-    epoch_fn = map_seeds(
-        functools.partial(train_epoch, model=model, tx=tx, batch_size=cfg.batch_size, steps=steps),
-        (0, None, None, 0),
-        strategy,
-    )
-    eval_fn = map_seeds(functools.partial(evaluate, model=model, batch_size=cfg.eval_batch_size), (0, None, None), strategy)
+    epoch_fn, eval_fn = _compiled(model, cfg, steps, strategy)
 
     history: list[dict[str, Any]] = []
     start = 0

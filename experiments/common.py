@@ -1,0 +1,206 @@
+"""Host-side plumbing shared by experiment modules: workdir files, tables, data + model from a config.
+
+Nothing here is maths; the library (jaxprune/) never does I/O, experiments do it through these helpers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import config_dict
+
+from jaxprune import data as data_lib
+from jaxprune import models, stats
+
+
+def setup_workdir(config: config_dict.ConfigDict, workdir: str) -> str:
+    """Creates `workdir` and writes the resolved config as config.json."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+    return workdir
+
+
+def parse_list(value: str | Sequence[Any], cast: type = str) -> list[Any]:
+    """'a,b,c' (a flag-friendly string) or a sequence -> list of `cast` values."""
+    if isinstance(value, str):
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    return [cast(v) for v in value]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.ndarray, jax.Array)):
+        return np.asarray(v).tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def write_records(workdir: str, name: str, records: Iterable[Mapping[str, Any]]) -> None:
+    """`name`.jsonl (one JSON object per record) and `name`.csv (lists stored as JSON strings)."""
+    records = [{k: _jsonable(v) for k, v in r.items()} for r in records]
+    with open(os.path.join(workdir, f"{name}.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    keys: list[str] = []
+    for r in records:
+        keys.extend(k for k in r if k not in keys)
+    with open(os.path.join(workdir, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_text(workdir: str, name: str, text: str) -> None:
+    with open(os.path.join(workdir, name), "w") as f:
+        f.write(text)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean and 95% t-interval over seeds (`jaxprune.stats.mean_ci`)."""
+    ci = stats.mean_ci(np.asarray(values, np.float64))
+    return {"mean": float(ci.mean), "ci_lo": float(ci.low), "ci_hi": float(ci.high)}
+
+
+def fmt_ci(s: Mapping[str, float], scale: float = 100.0) -> str:
+    """'12.34 ± 0.56' (half-width of the 95% interval), in percent by default."""
+    half = (s["ci_hi"] - s["ci_lo"]) / 2
+    return f"{scale * s['mean']:.2f} ± {scale * half:.2f}" if np.isfinite(half) else f"{scale * s['mean']:.2f}"
+
+
+def load_data(c: config_dict.ConfigDict) -> data_lib.Dataset:
+    """Dataset from a config block with fields name, data_dir, num_train, num_test, num_samples."""
+    kwargs: dict[str, Any] = {}
+    if c.name == "mnist1d" and c.get("num_samples"):
+        kwargs["num_samples"] = int(c.num_samples)
+    return data_lib.load_dataset(
+        c.name,
+        data_dir=c.get("data_dir") or None,
+        num_train=c.get("num_train") or None,
+        num_test=c.get("num_test") or None,
+        **kwargs,
+    )
+
+
+def make_model(c: config_dict.ConfigDict, num_classes: int):
+    """Model from a config block with a `name` and optional model kwargs in `kwargs`."""
+    kwargs = dict(c.get("kwargs", {}) or {})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return models.get_model(c.name, num_classes=num_classes, **kwargs)
+
+
+def plot_lines(
+    path: str,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    hline: tuple[str, float] | None = None,
+) -> None:
+    """One line per series (x, mean, lo, hi) with a shaded 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, m, lo, hi) in series.items():
+        ax.plot(x, m, marker="o", label=label)
+        ax.fill_between(x, lo, hi, alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline[1], color="k", ls="--", lw=1, label=hline[0])
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- shared pipeline
+
+
+def seed_streams(seed: int, num_seeds: int, names: Sequence[str]) -> dict[str, jax.Array]:
+    """Named key streams, each (S,): stream `name` of seed s is independent of every other stream."""
+    from jaxprune import train
+
+    keys = train.seed_keys(seed, num_seeds)
+    split = jax.vmap(lambda k: jax.random.split(k, len(names)))(keys)
+    return {n: split[:, i] for i, n in enumerate(names)}
+
+
+def train_dense(model, model_name: str, cfg, ds: data_lib.Dataset, init_keys: jax.Array,
+                run_keys: jax.Array, checkpoint_dir: str | None, desc: str = "dense"):
+    """Initialises and trains S seeds of a dense model (resuming from `checkpoint_dir`)."""
+    import functools
+
+    from jaxprune import train
+
+    tx = train.make_optimizer(cfg)
+    strategy = train.resolve_strategy(cfg.seed_strategy, model_name)
+    init_fn = train.map_seeds(
+        functools.partial(train.init_state, model=model, sample_x=ds.train.x[:1], tx=tx), (0,), strategy
+    )
+    states = init_fn(init_keys)
+    return train.fit(model, cfg, states, ds, run_keys, model_name=model_name,
+                     checkpoint_dir=checkpoint_dir, desc=desc)
+
+
+def baseline_masks(pruner: str, sparsity: float, model, model_name: str, strategy: str, states,
+                   mask_keys: jax.Array, init_keys: jax.Array, ds: data_lib.Dataset, *,
+                   snip_at: str = "init", snip_batch_size: int = 256, exclude_first_last: bool = False):
+    """Per-seed baseline masks (S-stacked) for one pruner and sparsity.
+
+    magnitude / random from the trained params; SNIP scores |g * w| on one batch of `snip_batch_size`
+    training examples at initialisation (snip_at="init", the original SNIP) or at the trained params.
+    """
+    import functools
+
+    import jax.numpy as jnp
+
+    from jaxprune import masks, pruners, train
+
+    if snip_at not in ("init", "trained"):
+        raise ValueError(f"snip_at must be 'init' or 'trained', got {snip_at!r}")
+    fn = pruners.get_pruner(pruner)
+    params0 = jax.tree.map(lambda v: v[0], states.params)
+    xb = jnp.asarray(ds.train.x[:snip_batch_size])
+    yb = jnp.asarray(ds.train.y[:snip_batch_size])
+    # Forward order comes from a fresh init (insertion order); stacked params have sorted keys.
+    order = masks.leaf_paths_in_order(model.init(jax.random.key(0), xb[:1])["params"]) if exclude_first_last else None
+    flags = masks.prunable_tree(params0, exclude_first_last=exclude_first_last, layer_order=order)
+
+    def one(mask_key, init_key, params, batch_stats):
+        if pruner == "snip" and snip_at == "init":
+            params, batch_stats = train.init_variables(jax.random.split(init_key)[0], model, xb[:1])
+
+        def loss_fn(p):
+            return train.cross_entropy(train.forward(model, p, batch_stats, None, xb, train=False)[0], yb)
+
+        return fn(mask_key, params, sparsity, flags, loss_fn=loss_fn)
+
+    mapped = train.map_seeds(functools.partial(one), (0, 0, 0, 0), strategy)
+    return mapped(mask_keys, init_keys, states.params, states.batch_stats), flags
