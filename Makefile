@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxprune needs Python >= 3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test data
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -18,3 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PYTHONHASHSEED=0 $(PY) -m pytest -n 2
+
+# Optional: real Fashion-MNIST (Debian package dataset-fashion-mnist) for the stability study.
+data:
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)

@@ -19,6 +19,7 @@ variance and wall time per step per estimator), and checkpoints under ckpt/.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -39,7 +40,7 @@ def get_config() -> config_dict.ConfigDict:
     c.seed = 0
     c.num_seeds = 4  # leading axis S of every result array
     c.data = config_dict.create(name="mnist1d", data_dir="", num_train=0, num_test=0, num_samples=4000)
-    c.model = config_dict.create(name="mlp", kwargs=config_dict.create(widths=(256, 256)))
+    c.model = config_dict.create(name="mlp", kwargs=config_dict.create(widths=(128, 128)))
     c.train = config_dict.create(  # dense training; fields of jaxprune.train.TrainConfig
         optimizer="adam", learning_rate=2e-3, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=40,
         steps_per_epoch=0, eval_batch_size=1000, seed_strategy="auto", checkpoint_every=10)
@@ -149,14 +150,25 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_mask = train.map_seeds(
         lambda p, bs, m: train.error_rate(train.predict(model, p, bs, m, xt, cfg.eval_batch_size), yt),
         (0, 0, 0), strategy)
+    # Compiled once per run: sparsity is a traced argument of the thresholds, the estimator a static one.
+    stoch_fn = train.map_seeds(
+        lambda p, bs, s, k: pft.evaluate_stochastic(model, p, bs, s, prunable_of(states), k, xt, yt, c.eval_masks,
+                                                    cfg.eval_batch_size), (0, 0, 0, 0), strategy)
+    topk_fn = jax.jit(jax.vmap(lambda s, sp: pft.threshold_topk(s, prunable_of(states), sp, c.threshold_scope),
+                               in_axes=(0, None)))
+    half_fn = jax.jit(jax.vmap(lambda s: pft.threshold_half(s, prunable_of(states))))
+    sparsity_fn = jax.jit(jax.vmap(lambda m: masks.sparsity(m, prunable_of(states))))
+    init_fns = {}
     rows: list[dict[str, Any]] = []
     est_rows: list[dict[str, Any]] = []
     estimators = common.parse_list(c.estimators)
-    for pruner in common.parse_list(c.pruners):
-        for sp in common.parse_list(c.sparsities, float):
+    pruner_list, sparsities = common.parse_list(c.pruners), common.parse_list(c.sparsities, float)
+    for pruner in pruner_list:
+        for sp in sparsities:
+            first = pruner == pruner_list[0] and sp == sparsities[0]
             mask, prunable = common.baseline_masks(pruner, sp, model, c.model.name, strategy, states, keys["mask"],
                                                    keys["init"], ds, snip_at=c.snip_at)
-            density0 = jax.vmap(lambda m: 1.0 - masks.sparsity(m, prunable))(mask)
+            density0 = 1.0 - sparsity_fn(mask)
             rows.append(_row(pruner, sp, "baseline", eval_mask(states.params, states.batch_stats, mask)))
             ft0 = start_ft(keys["finetune"], states.params, states.batch_stats, mask)
             tuned, _ = train.fit(model, ft_cfg, ft0, ds, keys["finetune"], model_name=c.model.name,
@@ -164,40 +176,42 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             rows.append(_row(pruner, sp, "baseline_ft", eval_mask(tuned.params, tuned.batch_stats, tuned.mask)))
             for name in estimators:
                 pcfg = _pft_config(c, name)
-                init_fn = train.map_seeds(lambda k, p, bs, m: pft.init(k, p, bs, m, pcfg), (0, 0, 0, 0), strategy)
-                p0 = init_fn(keys["pft"], states.params, states.batch_stats, mask)
-                if pruner == common.parse_list(c.pruners)[0] and sp == common.parse_list(c.sparsities, float)[0]:
-                    s0 = jax.tree.map(lambda v: v[0], p0)
-                    var = _grad_variance(model, pcfg, s0, prunable, jnp.asarray(ds.train.x[: pcfg.batch_size]),
+                if name not in init_fns:
+                    init_fns[name] = train.map_seeds(functools.partial(pft.init, cfg=pcfg), (0, 0, 0, 0), strategy)
+                p0 = init_fns[name](keys["pft"], states.params, states.batch_stats, mask)
+                if first:
+                    var = _grad_variance(model, pcfg, jax.tree.map(lambda v: v[0], p0), prunable,
+                                         jnp.asarray(ds.train.x[: pcfg.batch_size]),
                                          jnp.asarray(ds.train.y[: pcfg.batch_size]), c.variance_repeats)
                 t0 = time.perf_counter()
                 pst, phist = pft.fit(model, pcfg, p0, ds, keys["pft"], prunable, density0, strategy=strategy,
                                      chunk_steps=chunk, checkpoint_dir=os.path.join(ckpt, f"pft_{name}_{pruner}_{sp}"),
                                      desc=f"pft {name} {pruner} {sp}")
-                if pruner == common.parse_list(c.pruners)[0] and sp == common.parse_list(c.sparsities, float)[0]:
+                if first:
                     steady = [h["seconds_per_step"] for h in phist[1:]] or [phist[-1]["seconds_per_step"]]
                     est_rows.append({"estimator": name, "num_samples": pcfg.num_samples, **var,
                                      "seconds_per_step": float(np.median(steady)), "num_seeds": c.num_seeds,
                                      "strategy": strategy, "wall_seconds": time.perf_counter() - t0})
-                stoch = train.map_seeds(
-                    lambda p, bs, s, k: pft.evaluate_stochastic(model, p, bs, s, prunable, k, xt, yt, c.eval_masks,
-                                                                cfg.eval_batch_size),
-                    (0, 0, 0, 0), strategy)(pst.params, pst.batch_stats, pst.logits, keys["eval"])
+                stoch = stoch_fn(pst.params, pst.batch_stats, pst.logits, keys["eval"])
                 tag = f"pft[{name}]"
                 dens = [float(d) for d in phist[-1]["density"]]
                 rows.append(_row(pruner, sp, f"{tag}_stochastic", stoch["mean_error"], expected_density=dens))
                 rows.append(_row(pruner, sp, f"{tag}_ensemble", stoch["ensemble_error"]))
-                topk = jax.vmap(lambda s: pft.threshold_topk(s, prunable, sp, c.threshold_scope))(pst.logits)
+                topk = topk_fn(pst.logits, sp)
                 rows.append(_row(pruner, sp, f"{tag}_topk", eval_mask(pst.params, pst.batch_stats, topk),
                                  overlap_with_baseline=_overlap(topk, mask, prunable)))
-                half = jax.vmap(lambda s: pft.threshold_half(s, prunable))(pst.logits)
-                half_sp = jax.vmap(lambda m: masks.sparsity(m, prunable))(half)
+                half = half_fn(pst.logits)
                 rows.append(_row(pruner, sp, f"{tag}_half", eval_mask(pst.params, pst.batch_stats, half),
-                                 achieved_sparsity=np.asarray(half_sp).tolist()))
+                                 achieved_sparsity=np.asarray(sparsity_fn(half)).tolist()))
             common.write_records(workdir, "results", rows)
     common.write_records(workdir, "estimators", est_rows)
     _report(workdir, c, dense, rows, est_rows, estimators)
     return {"dense": dense, "results": rows, "estimators": est_rows}
+
+
+def prunable_of(states) -> Any:
+    """The prunable-leaf flags of the (seed-stacked) params: Dense/Conv kernels."""
+    return masks.prunable_tree(jax.tree.map(lambda v: v[0], states.params))
 
 
 def _overlap(a, b, prunable) -> list[float]:

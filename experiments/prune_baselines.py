@@ -43,9 +43,9 @@ def get_config() -> config_dict.ConfigDict:
 def _quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c = config_dict.ConfigDict(c.to_dict())
     c.num_seeds = 2
-    c.data.num_samples = 600
+    c.data = config_dict.create(name="digits", data_dir="", num_train=0, num_test=0, num_samples=0)
     c.model.kwargs.widths = (32,)
-    c.train.epochs = 2
+    c.train.epochs = 3
     c.train.batch_size = 64
     c.pruners = "magnitude,snip,random"
     c.sparsities = "0.5,0.9"

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks
+from jaxprune.schedules import polynomial_sparsity  # noqa: F401  (the Zhu-Gupta schedule, re-exported)
 
 PyTree = Any
 
@@ -117,18 +118,3 @@ def get_pruner(name: str) -> Pruner:
     if name not in PRUNERS:
         raise ValueError(f"unknown pruner {name!r}; known: {sorted(PRUNERS)}")
     return PRUNERS[name]
-
-
-def polynomial_sparsity(
-    step: jax.Array | int,
-    final_sparsity: float,
-    begin_step: int,
-    end_step: int,
-    initial_sparsity: float = 0.0,
-    power: float = 3.0,
-) -> jax.Array:
-    """Zhu & Gupta (2017) gradual schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3, clipped."""
-    if end_step <= begin_step:
-        raise ValueError(f"end_step ({end_step}) must exceed begin_step ({begin_step})")
-    frac = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step) / (end_step - begin_step), 0.0, 1.0)
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** power

@@ -348,7 +348,8 @@ def fit(
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {x.shape[0]} training examples")
     if num_seeds(states) != run_keys.shape[0]:
         raise ValueError(f"{num_seeds(states)} states but {run_keys.shape[0]} run keys")
-    epoch_fn, eval_fn = _compiled(model, cfg, steps, strategy)
+    # Only the fields that change the compiled programs key the cache.
+    epoch_fn, eval_fn = _compiled(model, dataclasses.replace(cfg, epochs=0, checkpoint_every=0), steps, strategy)
 
     history: list[dict[str, Any]] = []
     start = 0

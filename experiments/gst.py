@@ -1,0 +1,337 @@
+"""Shared machinery of the generalization-stability experiments (Bartoldson et al. 2020).
+
+Used by `experiments/stability.py` and `experiments/noise_injection.py`. One *run* = one seed of one
+configuration; every per-run hyperparameter (the (E, L) count table that encodes the rate, the target
+S/R/L, the noise mode) is an array VALUE with a leading run axis R, so all configurations and seeds are
+one compiled program mapped with `train.map_seeds` ("vmap" on a GPU, "sequential" for conv nets on CPU).
+
+Per-run state is the plain pytree `RunState`: the `train.TrainState` (params, BN statistics, Adam
+state, the param mask, step, data key) plus the channel bookkeeping (`alive` vectors) and the noise
+window, so an orbax checkpoint of the stacked states covers masks, alive vectors and windows.
+
+Epoch protocol (notes §1.1): train one epoch (a jitted `lax.scan` over batches) -> test accuracy
+t_pre -> pruning event (mask update from the count table) -> test accuracy t_post. Nothing happens
+between the two evaluations (no training, no BN update), so instability = (t_pre - t_post) / t_pre.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from ml_collections import config_dict
+
+from experiments import common
+from jaxprune import data as data_lib
+from jaxprune import masks, models, schedules, scoring, train
+
+PyTree = Any
+
+NOISE_NONE, NOISE_ZERO, NOISE_GAUSSIAN = 0, 1, 2
+SCORINGS = ("l2", "l1", "ebn", "ebn_signed")
+
+
+class RunState(struct.PyTreeNode):
+    """One run's state; stacked runs carry a leading axis R on every leaf."""
+
+    train: train.TrainState
+    alive: dict[str, jax.Array]  # (O,) bool per pruned unit: not yet selected by an event
+    targeted: dict[str, jax.Array]  # (O,) bool: channels in the open noise window
+    saved: dict[str, PyTree]  # layer values saved when the window opened (restore variant)
+    remaining: dict[str, jax.Array]  # () int32: training batches left in the window
+
+
+class RunSpec(struct.PyTreeNode):
+    """Per-run values (leading axis R when stacked)."""
+
+    target: jax.Array  # () int32: scoring.SMALLEST / RANDOM / LARGEST
+    permanent: jax.Array  # () bool: events mask the selected filters for good
+    noise: jax.Array  # () int32: NOISE_NONE / NOISE_ZERO / NOISE_GAUSSIAN on the selected filters
+    restore: jax.Array  # () bool: zeroing ends at the saved values (else at zero)
+    cumulative: jax.Array  # () bool: a window targets every filter selected so far (else the new)
+    window: jax.Array  # () int32: noise window length in training batches
+
+
+def make_spec(target: int = scoring.SMALLEST, permanent: bool = True, noise: int = NOISE_NONE,
+              restore: bool = False, cumulative: bool = False, window: int = 0) -> RunSpec:
+    return RunSpec(jnp.int32(target), jnp.bool_(permanent), jnp.int32(noise), jnp.bool_(restore),
+                   jnp.bool_(cumulative), jnp.int32(window))
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+# ----------------------------------------------------------------------------- data, model, schedule
+
+
+def load_data(c: config_dict.ConfigDict) -> data_lib.Dataset:
+    """Dataset of a config block (name, data_dir, num_train, num_test, downsample, fallback).
+
+    `downsample` = d averages d x d pixel blocks (28x28 Fashion-MNIST -> 14x14 for d = 2), a 4x
+    cheaper CPU model. If the files are missing and `fallback` names a dataset, that one is loaded
+    instead, with a message saying so.
+    """
+    try:
+        ds = common.load_data(c)
+    except data_lib.DatasetNotFoundError as e:
+        if not c.get("fallback"):
+            raise
+        print(f"[gst] dataset {c.name!r} not found ({e}); FALLING BACK to {c.fallback!r}", flush=True)
+        ds = data_lib.load_dataset(c.fallback)
+    d = int(c.get("downsample") or 1)
+    if d > 1 and ds.train.x.shape[1] >= 4 * d:
+
+        def pool(s: data_lib.Split) -> data_lib.Split:
+            n, h, w, ch = s.x.shape
+            x = s.x[:, : h - h % d, : w - w % d].reshape(n, h // d, d, w // d, d, ch).mean((2, 4))
+            return data_lib.Split(np.ascontiguousarray(x, np.float32), s.y)
+
+        ds = ds._replace(train=pool(ds.train), test=pool(ds.test))
+    return ds
+
+
+def layer_schedules(c: config_dict.ConfigDict, units: Sequence[models.ConvUnit], params: PyTree,
+                    period: int) -> list[schedules.LayerSchedule]:
+    """LayerSchedules of the pruned layers (config block `layers`) with retrain period `period`."""
+    by_name = {u.name: u for u in units}
+    names = common.parse_list(c.names)
+    fr, st, en = (common.parse_list(c.fractions, float), common.parse_list(c.starts, int),
+                  common.parse_list(c.ends, int))
+    if not len(names) == len(fr) == len(st) == len(en):
+        raise ValueError(f"layers: names/fractions/starts/ends differ in length: {names}, {fr}, {st}, {en}")
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"layers.names {missing} are not conv units; known: {sorted(by_name)}")
+    return [schedules.LayerSchedule(int(masks.get_path(params, by_name[n].kernel_path).shape[-1]),
+                                    f, s, e, period, n)
+            for n, f, s, e in zip(names, fr, st, en)]
+
+
+def pruned_units(units: Sequence[models.ConvUnit], names: Sequence[str]) -> tuple[models.ConvUnit, ...]:
+    by_name = {u.name: u for u in units}
+    return tuple(by_name[n] for n in names)
+
+
+def make_tx(c: config_dict.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (or SGD) with MultiStepLR: lr x 0.1 at each epoch in `lr_milestones` (notes §5.3)."""
+    bounds = {int(m) * steps_per_epoch: 0.1 for m in common.parse_list(c.lr_milestones, int)}
+    lr = optax.piecewise_constant_schedule(c.learning_rate, bounds)
+    if c.optimizer == "adam":
+        return optax.adam(lr)
+    if c.optimizer == "sgd":
+        return optax.sgd(lr, momentum=c.momentum or None)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
+
+
+# ----------------------------------------------------------------------------- per-run functions
+
+
+def _layer(params: PyTree, u: models.ConvUnit) -> dict[str, jax.Array]:
+    """The channels-last leaves of one pruned unit: kernel and (if any) its BN scale and bias."""
+    out = {"kernel": masks.get_path(params, u.kernel_path)}
+    if u.bn_path:
+        bn = masks.get_path(params, u.bn_path)
+        out.update(scale=bn["scale"], bias=bn["bias"])
+    return out
+
+
+def _set_layer(params: PyTree, u: models.ConvUnit, layer: dict[str, jax.Array]) -> PyTree:
+    params = masks.set_path(params, u.kernel_path, layer["kernel"])
+    if u.bn_path:
+        bn = dict(masks.get_path(params, u.bn_path))
+        bn.update(scale=layer["scale"], bias=layer["bias"])
+        params = masks.set_path(params, u.bn_path, bn)
+    return params
+
+
+def init_run(key: jax.Array, *, model, sample_x: jax.Array, tx: optax.GradientTransformation,
+             units: tuple[models.ConvUnit, ...]) -> RunState:
+    st = train.init_state(key, model, sample_x, tx)
+    alive = {u.name: jnp.ones((masks.get_path(st.params, u.kernel_path).shape[-1],), bool) for u in units}
+    saved = {u.name: jax.tree.map(jnp.zeros_like, _layer(st.params, u)) for u in units}
+    return RunState(st, alive, {n: jnp.zeros_like(a) for n, a in alive.items()}, saved,
+                    {n: jnp.zeros((), jnp.int32) for n in alive})
+
+
+def filter_scores(params: PyTree, u: models.ConvUnit, scoring_name: str) -> jax.Array:
+    layer = _layer(params, u)
+    if scoring_name == "l2":
+        return scoring.l2_score(layer["kernel"])
+    if scoring_name == "l1":
+        return scoring.l1_score(layer["kernel"])
+    if scoring_name in ("ebn", "ebn_signed"):
+        if "scale" not in layer:
+            raise ValueError(f"scoring {scoring_name!r} needs a BatchNorm after {u.name}")
+        return scoring.ebn_score(layer["scale"], layer["bias"], signed=scoring_name == "ebn_signed")
+    raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring_name!r}")
+
+
+def prune_event(state: RunState, key: jax.Array, k: jax.Array, spec: RunSpec, *,
+                units: tuple[models.ConvUnit, ...], scoring_name: str) -> tuple[RunState, jax.Array]:
+    """One pruning epoch: select k[l] filters of layer l among the alive ones (target = a value).
+
+    Permanent runs mask the kernel, BN scale/bias (and projection shortcut) of the selected channels
+    and zero their stored weights; BN running statistics are untouched. Noise runs keep the mask and
+    open a window of `spec.window` batches on the new (or, if cumulative, all) selected filters.
+    Returns the new state and the number pruned per layer (L,).
+    """
+    params = state.train.params
+    alive, targeted, saved, remaining, npruned = {}, {}, {}, {}, []
+    for j, u in enumerate(units):
+        sel = scoring.select(jax.random.fold_in(key, j), filter_scores(params, u, scoring_name),
+                             state.alive[u.name], k[j], spec.target)
+        alive[u.name] = sel.alive
+        npruned.append(jnp.sum(sel.pruned))
+        new_window = jnp.any(sel.pruned) & ~spec.permanent & (spec.noise != NOISE_NONE)
+        tgt = jnp.where(spec.cumulative, ~sel.alive, sel.pruned)
+        targeted[u.name] = jnp.where(new_window, tgt, state.targeted[u.name])
+        saved[u.name] = jax.tree.map(lambda a, b: jnp.where(new_window, a, b), _layer(params, u),
+                                     state.saved[u.name])
+        remaining[u.name] = jnp.where(new_window, spec.window, state.remaining[u.name])
+    perm_mask = masks.channel_to_param_mask(
+        params, {u.name: alive[u.name] for u in units}, units)
+    mask = jax.tree.map(lambda a, b: jnp.where(spec.permanent, a, b), perm_mask, state.train.mask)
+    # The reference zeroes the stored weights of pruned filters at the event (notes §1.1).
+    tstate = state.train.replace(params=masks.apply(params, mask), mask=mask)
+    new = state.replace(train=tstate, alive=alive, targeted=targeted, saved=saved, remaining=remaining)
+    return new, jnp.stack(npruned)
+
+
+def _perturb(state: RunState, key: jax.Array, spec: RunSpec, units: tuple[models.ConvUnit, ...]
+             ) -> RunState:
+    """Before a training batch: zero (or add noise to) the targeted channels of open windows.
+
+    Zeroing hits the kernel and the BN scale/bias (the channel is then exactly off, as if pruned);
+    Gaussian noise hits the kernel only, with std of the unperturbed filters' weights (notes §3).
+    """
+    params = state.train.params
+    for j, u in enumerate(units):
+        layer, tgt = _layer(params, u), state.targeted[u.name]
+        active = state.remaining[u.name] > 0
+        zeroed = scoring.zero_channels(layer, tgt)
+        std = scoring.unperturbed_std(layer["kernel"], state.alive[u.name] & ~tgt)
+        noisy = dict(layer, kernel=scoring.add_channel_noise(
+            jax.random.fold_in(key, j), {"k": layer["kernel"]}, tgt, std)["k"])
+        pick_zero = active & (spec.noise == NOISE_ZERO)
+        pick_noise = active & (spec.noise == NOISE_GAUSSIAN)
+        layer = jax.tree.map(lambda z, n, o: jnp.where(pick_zero, z, jnp.where(pick_noise, n, o)),
+                             zeroed, noisy, layer)
+        params = _set_layer(params, u, layer)
+    return state.replace(train=state.train.replace(params=params))
+
+
+def _close_windows(state: RunState, spec: RunSpec, units: tuple[models.ConvUnit, ...]) -> RunState:
+    """After a training batch: count the window down; a closing zeroing window returns the targeted
+    channels at their saved values (restore) or at zero, updates made during it discarded."""
+    params, remaining = state.train.params, {}
+    for u in units:
+        closing = (state.remaining[u.name] == 1) & (spec.noise == NOISE_ZERO)
+        layer = _layer(params, u)
+        ended = scoring.end_zeroing(layer, state.saved[u.name], state.targeted[u.name], spec.restore)
+        params = _set_layer(params, u, jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer))
+        remaining[u.name] = jnp.maximum(state.remaining[u.name] - 1, 0)
+    return state.replace(train=state.train.replace(params=params), remaining=remaining)
+
+
+def run_epoch(state: RunState, x: jax.Array, y: jax.Array, key: jax.Array, spec: RunSpec, *, model,
+              tx: optax.GradientTransformation, batch_size: int, steps: int,
+              units: tuple[models.ConvUnit, ...], noise: bool) -> tuple[RunState, dict[str, jax.Array]]:
+    """One epoch (scan over `steps` batches). With `noise` (static) each batch is preceded by
+    `_perturb` and followed by `_close_windows`; without it this is `train.train_epoch`."""
+    if not noise:
+        ts, m = train.train_epoch(state.train, x, y, key, model=model, tx=tx, batch_size=batch_size,
+                                  steps=steps)
+        return state.replace(train=ts), m
+    idx = data_lib.batch_indices(key, x.shape[0], batch_size, steps)
+    noise_key = jax.random.fold_in(key, 1 << 20)  # a stream apart from the batch-order keys
+
+    def body(s: RunState, idx_b: jax.Array):
+        s = _perturb(s, jax.random.fold_in(noise_key, s.train.step), spec, units)
+        ts, m = train.train_step(s.train, x[idx_b], y[idx_b], model=model, tx=tx)
+        return _close_windows(s.replace(train=ts), spec, units), m
+
+    return jax.lax.scan(body, state, idx)
+
+
+def accuracy(state: RunState, x: jax.Array, y: jax.Array, *, model, batch_size: int) -> jax.Array:
+    """Eval-mode (BN running statistics) test accuracy of the masked network."""
+    return 1.0 - train.evaluate(state.train, x, y, model=model, batch_size=batch_size)["error"]
+
+
+# ----------------------------------------------------------------------------- host loop
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(model, tx, batch_size: int, steps: int, eval_batch_size: int,
+             units: tuple[models.ConvUnit, ...], scoring_name: str, noise: bool, strategy: str):
+    """(init_fn, epoch_fn, eval_fn, prune_fn), each mapped over runs (cached: compile once)."""
+    epoch_fn = train.map_seeds(functools.partial(
+        run_epoch, model=model, tx=tx, batch_size=batch_size, steps=steps, units=units, noise=noise),
+        (0, None, None, 0, 0), strategy)
+    eval_fn = train.map_seeds(functools.partial(accuracy, model=model, batch_size=eval_batch_size),
+                              (0, None, None), strategy)
+    prune_fn = train.map_seeds(functools.partial(prune_event, units=units, scoring_name=scoring_name),
+                               (0, 0, 0, 0), strategy)
+    return epoch_fn, eval_fn, prune_fn
+
+
+def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: str, states: RunState,
+               specs: RunSpec, counts: np.ndarray, ds: data_lib.Dataset, data_keys: jax.Array,
+               prune_keys: jax.Array, batch_size: int, eval_batch_size: int, strategy: str,
+               noise: bool, ckpt_dir: str | None, checkpoint_every: int, desc: str
+               ) -> tuple[RunState, dict[str, np.ndarray]]:
+    """Trains R runs for counts.shape[1] epochs; returns final states and (R, E) arrays
+    t_pre, t_post, train_acc, train_loss and (R, E, L) pruned counts. Resumes from `ckpt_dir`."""
+    from tqdm.auto import tqdm
+
+    x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
+    xt, yt = jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
+    steps = x.shape[0] // batch_size
+    if steps <= 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
+    epoch_fn, eval_fn, prune_fn = compiled(model, tx, batch_size, steps, eval_batch_size, units,
+                                           scoring_name, noise, strategy)
+    num_runs, num_epochs = counts.shape[:2]
+    hist = {k: np.zeros((num_runs, num_epochs), np.float64)
+            for k in ("t_pre", "t_post", "train_acc", "train_loss")}
+    hist["pruned"] = np.zeros(counts.shape, np.int32)
+    start = 0
+    if ckpt_dir and checkpoint_every:
+        restored = train.restore_checkpoint(ckpt_dir, states)
+        if restored is not None:
+            start, states, meta = restored
+            hist = {k: np.asarray(v, hist[k].dtype) for k, v in meta["hist"].items()}
+    bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs)
+    for epoch in bar:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
+        states, m = epoch_fn(states, x, y, keys, specs)
+        hist["train_acc"][:, epoch] = 1.0 - np.asarray(m["error"]).mean(-1)
+        hist["train_loss"][:, epoch] = np.asarray(m["loss"]).mean(-1)
+        hist["t_pre"][:, epoch] = t_pre = np.asarray(eval_fn(states, xt, yt))
+        k_e = counts[:, epoch]
+        if k_e.any():  # mask update, then t_post with nothing in between
+            pk = jax.vmap(jax.random.fold_in, in_axes=(0, None))(prune_keys, epoch)
+            states, npr = prune_fn(states, pk, jnp.asarray(k_e), specs)
+            hist["pruned"][:, epoch] = np.asarray(npr)
+            hist["t_post"][:, epoch] = np.asarray(eval_fn(states, xt, yt))
+        else:
+            hist["t_post"][:, epoch] = t_pre
+        bar.set_postfix(test=f"{hist['t_post'][:, epoch].mean():.4f}")
+        done = epoch + 1
+        if ckpt_dir and checkpoint_every and (done % checkpoint_every == 0 or done == num_epochs):
+            train.save_checkpoint(ckpt_dir, done, states, {"hist": {k: v.tolist() for k, v in hist.items()}})
+    return states, hist
+
+
+def setup_dirs(workdir: str) -> str:
+    ckpt = os.path.join(workdir, "ckpt")
+    os.makedirs(ckpt, exist_ok=True)
+    return ckpt

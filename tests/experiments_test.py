@@ -1,0 +1,46 @@
+"""Quick presets of the foundation and PFT experiments run end to end and write their files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f]
+
+
+def test_prune_baselines_quick(tmp_path):
+    from experiments import prune_baselines
+
+    c = prune_baselines.get_config()
+    c.quick = True
+    out = prune_baselines.run(c, str(tmp_path))
+    for f in ("config.json", "dense.jsonl", "dense.csv", "results.jsonl", "results.csv", "table.md", "errors.png"):
+        assert os.path.getsize(tmp_path / f) > 0, f
+    rows = _lines(tmp_path / "results.jsonl")
+    assert len(rows) == 3 * 2 * 2 and len(rows[0]["test_error"]) == 2
+    for r in rows:
+        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 1e-3
+        assert 0.0 <= r["mean"] <= 1.0
+    assert out["dense"]["mean"] < 0.5  # digits MLP learns in 3 epochs
+
+
+def test_pft_quick(tmp_path):
+    from experiments import pft
+
+    c = pft.get_config()
+    c.quick = True
+    out = pft.run(c, str(tmp_path))
+    for f in ("config.json", "results.jsonl", "table.md", "errors.png", "estimators.png", "estimators.jsonl"):
+        assert os.path.getsize(tmp_path / f) > 0, f
+    methods = {r["method"] for r in out["results"]}
+    assert {"baseline", "baseline_ft", "pft[concrete]_topk", "pft[rloo]_stochastic", "pft[rloo]_half"} <= methods
+    est = {r["estimator"]: r for r in out["estimators"]}
+    assert est["rloo"]["total_variance"] > est["concrete"]["total_variance"] > 0
+    assert out["dense"]["mean"] < 0.5

@@ -1,0 +1,348 @@
+"""Flatness measures against exact answers on a 3-4-2 tanh MLP (full Hessian by jax.hessian)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxprune import flatness
+
+N = 16  # examples in the fixed batch
+DIM = 3 * 4 + 4 + 4 * 2 + 2  # 26 parameters
+
+
+def init_mlp(key: jax.Array, dtype: jnp.dtype = jnp.float32) -> dict:
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "params": {
+            "Dense_0": {
+                "kernel": jax.random.normal(k1, (3, 4), dtype),
+                "bias": 0.1 * jax.random.normal(k2, (4,), dtype),
+            },
+            "Dense_1": {
+                "kernel": jax.random.normal(k3, (4, 2), dtype),
+                "bias": 0.1 * jax.random.normal(k4, (2,), dtype),
+            },
+        }
+    }
+
+
+def example_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    p = params["params"]
+    h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+    return -jax.nn.log_softmax(logits)[y]
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _problem_arrays(key: jax.Array, dtype: jnp.dtype) -> tuple:
+    p_key, x_key, y_key = jax.random.split(key, 3)
+    xs = jax.random.normal(x_key, (N, 3), dtype)
+    ys = jax.random.bernoulli(y_key, 0.5, (N,)).astype(jnp.int32)
+    return init_mlp(p_key, dtype), xs, ys
+
+
+@functools.cache
+def make_problem(seed: int = 0, dtype: jnp.dtype = jnp.float32) -> tuple:
+    """(params, xs, ys, loss_fn); cached so every test reuses one closure and its compilations."""
+    params, xs, ys = _problem_arrays(jax.random.key(seed), dtype)
+
+    def loss_fn(p: dict) -> jax.Array:
+        return jax.vmap(example_loss, in_axes=(None, 0, 0))(p, xs, ys).mean()
+
+    return params, xs, ys, loss_fn
+
+
+@functools.cache
+def problem_hessian(dtype: jnp.dtype = jnp.float32) -> np.ndarray:
+    """The exact 26 x 26 Hessian of the seed-0 problem by jax.hessian."""
+    params, _, _, loss_fn = make_problem(0, dtype)
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda w: loss_fn(unravel(w))))(flat))
+
+
+def make_mask(params: dict) -> dict:
+    """Prunes 10 of the 26 coordinates, in both layers."""
+    mask = jax.tree.map(jnp.ones_like, params)
+    p = mask["params"]
+    p["Dense_0"]["kernel"] = p["Dense_0"]["kernel"].at[0].set(0.0).at[2, :2].set(0.0)
+    p["Dense_1"]["kernel"] = p["Dense_1"]["kernel"].at[1:3].set(0.0)
+    return mask
+
+
+def kept_index(params: dict, mask: dict) -> np.ndarray:
+    flat_mask = np.asarray(
+        ravel_pytree(jax.tree.map(lambda m, p: m.astype(p.dtype), mask, params))[0]
+    )
+    return np.flatnonzero(flat_mask)
+
+
+def layer_index(params: dict, layer: str) -> np.ndarray:
+    ones = jax.tree.map(jnp.ones_like, params)
+    return kept_index(params, flatness.layer_masks(params, ones)[layer])
+
+
+def test_hvp_matches_dense_hessian_with_and_without_mask():
+    with jax.enable_x64(True):
+        params, _, _, loss_fn = make_problem(0, jnp.float64)
+        h = problem_hessian(jnp.float64)
+        mask = make_mask(params)
+        d = np.asarray(ravel_pytree(mask)[0])
+        v = jax.random.normal(jax.random.key(1), (DIM,), jnp.float64)
+        unravel = ravel_pytree(params)[1]
+        f = jax.jit(lambda p, v, m: (flatness.hvp(loss_fn, p, v), flatness.hvp(loss_fn, p, v, m)))
+        full, masked = f(params, unravel(v), mask)
+        np.testing.assert_allclose(ravel_pytree(full)[0], h @ v, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            ravel_pytree(masked)[0], d * (h @ (d * v)), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_hutchpp_exact_at_full_rank_per_layer_and_kept_pruned():
+    # With 3k matvecs and k >= kept dimension, Q spans the kept space and Hutch++ is exact.
+    with jax.enable_x64(True):
+        params, _, _, loss_fn = make_problem(0, jnp.float64)
+        h = problem_hessian(jnp.float64)
+        mask = make_mask(params)
+        regions = {
+            "all": jax.tree.map(jnp.ones_like, params),
+            **flatness.layer_masks(params),
+            **flatness.kept_pruned_masks(mask),
+            **{f"kept:{k}": m for k, m in flatness.layer_masks(params, mask).items()},
+        }
+        trace = jax.jit(
+            lambda key, p, ms: flatness.by_region(
+                lambda k, m: flatness.hutchpp_trace(k, loss_fn, p, 3 * DIM, m), key, ms
+            )
+        )
+        got = trace(jax.random.key(0), params, regions)
+        kept = kept_index(params, mask)
+        pruned = np.setdiff1d(np.arange(DIM), kept)
+        want = {"all": np.trace(h), "kept": np.trace(h[np.ix_(kept, kept)])}
+        want["pruned"] = np.trace(h[np.ix_(pruned, pruned)])
+        for layer in ("params/Dense_0", "params/Dense_1"):
+            idx = layer_index(params, layer)
+            want[layer] = np.trace(h[np.ix_(idx, idx)])
+            both = np.intersect1d(idx, kept)
+            want[f"kept:{layer}"] = np.trace(h[np.ix_(both, both)])
+        assert set(got) == set(want)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name].estimate, value, rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(
+            want["params/Dense_0"] + want["params/Dense_1"], want["all"], rtol=1e-12
+        )
+
+
+def test_lanczos_top_eigenpairs_match_exact_with_and_without_mask():
+    with jax.enable_x64(True):
+        params, _, _, loss_fn = make_problem(0, jnp.float64)
+        h = problem_hessian(jnp.float64)
+        mask = make_mask(params)
+        ones = jax.tree.map(jnp.ones_like, params)
+        kept = kept_index(params, mask)
+        # One compilation, masks as data. num_iters = DIM exhausts the 16-dim kept space, which
+        # exercises the restarts and the zero rows.
+        lanczos = jax.jit(
+            lambda key, m: (
+                flatness.lanczos_eigenpairs(key, loss_fn, params, DIM, DIM, m),
+                flatness.lanczos_eigenpairs(
+                    key, loss_fn, params, 5, DIM, m, largest_magnitude=True
+                ),
+            )
+        )
+        (full, top_mag), (masked, _) = (
+            lanczos(jax.random.key(3), ones),
+            lanczos(jax.random.key(3), mask),
+        )
+        exact = np.linalg.eigvalsh(h)[::-1]
+        np.testing.assert_allclose(full.eigenvalues, exact, atol=1e-5)
+        np.testing.assert_allclose(
+            top_mag.eigenvalues, exact[np.argsort(-np.abs(exact))][:5], atol=1e-5
+        )
+        vecs = jax.vmap(lambda t: ravel_pytree(t)[0])(full.eigenvectors)[:5]
+        np.testing.assert_allclose(vecs @ h, full.eigenvalues[:5, None] * vecs, atol=1e-6)
+        np.testing.assert_allclose(vecs @ vecs.T, np.eye(5), atol=1e-8)
+        sub = np.linalg.eigvalsh(h[np.ix_(kept, kept)])
+        exact_masked = np.sort(np.concatenate([sub, np.zeros(DIM - kept.size)]))[::-1]
+        np.testing.assert_allclose(masked.eigenvalues, exact_masked, atol=1e-5)
+        np.testing.assert_allclose(masked.eigenvalues.sum(), sub.sum(), rtol=1e-9)
+
+
+def test_power_iteration_on_quadratic_with_known_spectrum():
+    # Eigenvalue ratios of 10 make 20 steps and the 1e-4 stopping rule accurate to ~1e-6.
+    with jax.enable_x64(True):
+        spectrum = np.array([100.0, 10.0, 1.0, 0.1, 0.01, 0.001])
+        q, _ = np.linalg.qr(np.random.default_rng(4).normal(size=(6, 6)))
+        a = jnp.asarray((q * spectrum[None, :]) @ q.T)
+        loss_fn = lambda p: 0.5 * p["w"] @ a @ p["w"]
+        params = {"w": jnp.zeros((6,), jnp.float64)}
+        power = jax.jit(
+            lambda key: (
+                flatness.power_iteration_eigenpairs(key, loss_fn, params, 3),
+                flatness.top_k_eigenvalue_trace(key, loss_fn, params, k=3),
+            )
+        )
+        pairs, trace = power(jax.random.key(5))
+        np.testing.assert_allclose(pairs.eigenvalues, spectrum[:3], rtol=1e-5)
+        np.testing.assert_allclose(np.abs(pairs.eigenvectors["w"] @ q[:, :3]), np.eye(3), atol=1e-3)
+        np.testing.assert_allclose(trace, 111.0, rtol=1e-5)
+
+
+@functools.cache
+def hutchinson_trials(num_probes: int):
+    """jit(vmap over 256 keys) of Hutchinson on the seed-0 problem; the mask is an argument."""
+    params, _, _, loss_fn = make_problem(0, jnp.float32)
+    f = lambda k, m: flatness.hutchinson_trace(k, loss_fn, params, num_probes, m)
+    return jax.jit(lambda key, m: jax.vmap(f, in_axes=(0, None))(jax.random.split(key, 256), m))
+
+
+def test_hutchinson_error_shrinks_like_inverse_sqrt_probes_and_stderr_covers_truth():
+    params, _, _, _ = make_problem(0, jnp.float32)
+    ones = jax.tree.map(jnp.ones_like, params)
+    h = problem_hessian()
+    truth = np.trace(h)
+    per_probe_var = 2.0 * (np.sum(h**2) - np.sum(np.diag(h) ** 2))  # Rademacher variance
+    rms = {}
+    for p in (4, 64):
+        est = hutchinson_trials(p)(jax.random.key(p), ones)
+        err = np.asarray(est.estimate) - truth
+        rms[p] = np.sqrt(np.mean(err**2))
+        np.testing.assert_allclose(rms[p], np.sqrt(per_probe_var / p), rtol=0.2)
+        if p == 64:
+            covered = np.mean(np.abs(err) <= 2.0 * np.asarray(est.stderr))
+            assert covered >= 0.88, covered
+    assert 3.0 < rms[4] / rms[64] < 5.3  # sqrt(16) = 4
+
+
+def test_masked_hutchinson_is_unbiased_for_masked_sub_hessian_trace():
+    params, _, _, _ = make_problem(0, jnp.float32)
+    h = problem_hessian()
+    mask = make_mask(params)
+    kept = kept_index(params, mask)
+    est = hutchinson_trials(64)(jax.random.key(7), mask)
+    pooled, pooled_se = np.mean(est.estimate), np.std(est.estimate) / np.sqrt(256)
+    assert abs(pooled - np.trace(h[np.ix_(kept, kept)])) < 4.0 * pooled_se
+
+
+def python_loop_grads(params: dict, xs, ys) -> np.ndarray:
+    grad = jax.jit(jax.grad(example_loss))
+    return np.stack([np.asarray(ravel_pytree(grad(params, xs[i], ys[i]))[0]) for i in range(N)])
+
+
+def test_covariance_traces_match_per_example_loop():
+    params, xs, ys, _ = make_problem(0, jnp.float32)
+    g = python_loop_grads(params, xs, ys).astype(np.float64)
+    mask = make_mask(params)
+
+    @jax.jit
+    def traces(p, m):
+        moments = flatness.gradient_moments(example_loss, p, xs, ys, batch_size=4)
+        regions = {"all": None, **flatness.kept_pruned_masks(m), **flatness.layer_masks(p)}
+        return {k: flatness.covariance_trace(moments, r) for k, r in regions.items()}
+
+    got = traces(params, mask)
+    kept = kept_index(params, mask)
+    index = {"all": np.arange(DIM), "kept": kept, "pruned": np.setdiff1d(np.arange(DIM), kept)}
+    for layer in ("params/Dense_0", "params/Dense_1"):
+        index[layer] = layer_index(params, layer)
+    for name, idx in index.items():
+        gi = g[:, idx]
+        np.testing.assert_allclose(got[name].uncentred, np.mean(np.sum(gi**2, 1)), rtol=1e-5)
+        centred = np.mean(np.sum((gi - gi.mean(0)) ** 2, 1))
+        np.testing.assert_allclose(got[name].centred, centred, rtol=1e-4)
+    pe = jax.jit(flatness.per_example_grads, static_argnums=0)(example_loss, params, xs, ys)
+    np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(pe), g, rtol=1e-5, atol=1e-7)
+
+
+def test_tic_matches_dense_solve_with_and_without_mask():
+    with jax.enable_x64(True):
+        params, xs, ys, loss_fn = make_problem(0, jnp.float64)
+        h = problem_hessian(jnp.float64)
+        g = python_loop_grads(params, xs, ys)
+        damping = max(0.0, -np.linalg.eigvalsh(h)[0]) + 0.05  # H + lambda I positive definite
+        mask = make_mask(params)
+        kept = kept_index(params, mask)
+        ones = jax.tree.map(jnp.ones_like, params)
+        tic = jax.jit(
+            lambda m: flatness.tic_trace(
+                loss_fn, example_loss, params, xs, ys, damping, m, batch_size=8, tol=1e-10
+            )
+        )
+        full, masked = tic(ones), tic(mask)
+        c = g.T @ g / N
+        want = np.trace(np.linalg.solve(h + damping * np.eye(DIM), c))
+        np.testing.assert_allclose(full, want, rtol=1e-8)
+        sub = np.ix_(kept, kept)
+        want_masked = np.trace(np.linalg.solve(h[sub] + damping * np.eye(kept.size), c[sub]))
+        np.testing.assert_allclose(masked, want_masked, rtol=1e-8)
+        np.testing.assert_allclose(flatness.tic_proxy(6.0, 3.0), 2.0)
+
+
+def test_epsilon_sharpness_on_quadratic_with_known_answer():
+    # loss = 0.5 a w^2 + b w at w = 0: along +-e_i the increase is 0.5 a_i eps^2 +- b_i eps = 0.1.
+    a, b = jnp.array([8.0, 2.0]), jnp.array([0.5, 0.0])
+    loss_fn = lambda p: jnp.sum(0.5 * a * p["w"] ** 2 + b * p["w"])
+    params = {"w": jnp.zeros((2,))}
+    directions = {"w": jnp.eye(2)}
+    sharp = jax.jit(
+        lambda p, d: (
+            flatness.epsilon_sharpness(loss_fn, p, d),
+            flatness.epsilon_sharpness(loss_fn, p, d, bisection_steps=30),
+        )
+    )
+    grid, bisected = sharp(params, directions)
+    root = lambda a_, b_: (-b_ + np.sqrt(b_**2 + 0.2 * a_)) / a_
+    exact = np.array([[root(8.0, 0.5), root(8.0, -0.5)], [root(2.0, 0.0), root(2.0, 0.0)]])
+    np.testing.assert_allclose(bisected.per_direction, exact, rtol=1e-5)
+    np.testing.assert_allclose(grid.per_direction, np.ceil(exact * 100 - 1e-6) / 100, atol=1e-6)
+    np.testing.assert_allclose(grid.epsilon, 0.11, atol=1e-6)
+    np.testing.assert_allclose(bisected.epsilon, root(8.0, 0.5), rtol=1e-5)
+    assert grid.loss_increase.shape == (2, 2, 40) and grid.radii.shape == (40,)
+    flat_loss = jax.jit(lambda p, d: flatness.epsilon_sharpness(lambda q: 0.0 * q["w"].sum(), p, d))
+    assert np.isinf(flat_loss(params, directions).epsilon)
+
+
+def test_vmapped_seeds_match_single_seed_runs():
+    seeds = [make_problem(seed, jnp.float32) for seed in (0, 1)]
+    loss_of = lambda xs, ys: (
+        lambda p: jax.vmap(example_loss, in_axes=(None, 0, 0))(p, xs, ys).mean()
+    )
+    _, xs, ys, _ = seeds[0]
+    loss_fn = loss_of(xs, ys)
+
+    def measures(key: jax.Array, params: dict) -> tuple:
+        # Lanczos is a fixed fori_loop; power iteration's data-dependent while_loop is the risky
+        # one under vmap.
+        k1, k2 = jax.random.split(key)
+        moments = flatness.gradient_moments(example_loss, params, xs, ys)
+        return (
+            flatness.hutchinson_trace(k1, loss_fn, params, 8),
+            flatness.power_iteration_eigenpairs(k2, loss_fn, params, 2).eigenvalues,
+            flatness.covariance_trace(moments),
+        )
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    params_s = jax.tree.map(lambda *xs: jnp.stack(xs), *(s[0] for s in seeds))
+    batched = jax.jit(jax.vmap(measures))(keys, params_s)
+    single = jax.jit(measures)
+    singles = [single(keys[i], seeds[i][0]) for i in range(2)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *singles)
+    chex.assert_trees_all_close(batched, stacked, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_raises_value_error():
+    params, xs, ys, loss_fn = make_problem(0, jnp.float32)
+    bad = make_mask(params)
+    bad["params"]["Dense_1"]["bias"] = jnp.ones((3,))
+    with pytest.raises(ValueError, match=r"Dense_1.*bias"):
+        flatness.hutchinson_trace(jax.random.key(0), loss_fn, params, 4, bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        flatness.gradient_moments(example_loss, params, xs, ys, batch_size=5)
+    with pytest.raises(ValueError, match="num_probes"):
+        flatness.hutchinson_trace(jax.random.key(0), loss_fn, params, 1)
+    with pytest.raises(ValueError, match="num_iters"):
+        flatness.lanczos_eigenpairs(jax.random.key(0), loss_fn, params, 2, DIM + 1)

@@ -1,0 +1,281 @@
+"""Tests for jaxprune.models: shapes, parameter counts, conv units, fast layers == reference layers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import models
+from jaxprune.models import layers
+
+PyTree = Any
+
+# name, kwargs, input shape (batch 2), exact param count with 10 classes
+CASES = [
+    ("mlp", {}, (2, 28, 28, 1), 266_610),
+    ("lenet300_100", {}, (2, 784), 266_610),
+    ("mlp", {"widths": (32,)}, (2, 8, 8), 64 * 32 + 32 + 32 * 10 + 10),
+    ("conv1d", {}, (2, 40, 1), 11_786),
+    ("small_cnn", {}, (2, 32, 32, 3), 591_274),
+    ("small_cnn", {"batch_norm": True}, (2, 32, 32, 3), 591_274 + 2 * (32 + 32 + 64 + 64)),
+    ("vgg11_bn", {}, (2, 32, 32, 3), 9_231_114),
+    ("resnet18", {}, (2, 32, 32, 3), 11_173_962),
+    ("resnet20", {}, (2, 32, 32, 3), 269_722),
+    ("resnet20", {"shortcut": "B"}, (2, 32, 32, 3), 272_474),
+    ("resnet56", {}, (2, 32, 32, 3), 853_018),
+]
+HAS_BN = {"vgg11_bn", "resnet18", "resnet20", "resnet56"}
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw, _, _ in CASES]
+
+
+def _abstract(name: str, kwargs: dict, shape: tuple[int, ...]) -> tuple[nn.Module, PyTree]:
+    model = models.get_model(name, 10, **kwargs)
+    return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+def _count(tree: PyTree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,kwargs,shape,count", CASES, ids=IDS)
+def test_param_count_and_output_shape(name: str, kwargs: dict, shape: tuple, count: int) -> None:
+    model, variables = _abstract(name, kwargs, shape)
+    assert _count(variables["params"]) == count
+    has_bn = name in HAS_BN or kwargs.get("batch_norm", False)
+    assert set(variables) == ({"params", "batch_stats"} if has_bn else {"params"})
+    for train in (False, True):
+        out, new = jax.eval_shape(
+            lambda v, x, t=train: model.apply(v, x, train=t, mutable=["batch_stats"]),
+            variables, jnp.zeros(shape),
+        )
+        assert out.shape == (2, 10) and out.dtype == jnp.float32
+        if has_bn:
+            chex.assert_trees_all_equal_shapes(new["batch_stats"], variables["batch_stats"])
+
+
+def test_issue_param_counts_are_close_to_the_papers() -> None:
+    expected_m = {"resnet20": 0.27, "resnet56": 0.85, "resnet18": 11.2, "vgg11_bn": 9.2}
+    for name, millions in expected_m.items():
+        _, variables = _abstract(name, {}, (2, 32, 32, 3))
+        assert abs(_count(variables["params"]) / 1e6 - millions) / millions < 0.01, name
+
+
+def test_unknown_model_raises_listing_names() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vgg19'.*resnet20"):
+        models.get_model("vgg19", 10)
+
+
+@pytest.mark.parametrize("kwargs", [{"conv_impl": "fast"}, {"pool_impl": "avg"}])
+def test_bad_impl_raises(kwargs: dict) -> None:
+    model = models.get_model("small_cnn", 10, **kwargs)
+    with pytest.raises(ValueError, match="impl"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 1)))
+
+
+def _forward_conv_paths(model: nn.Module, variables: PyTree, shape: tuple) -> list[tuple[str, ...]]:
+    """Kernel paths of the convs in the order the forward pass calls them (recorded by tracing)."""
+    calls: list[tuple[str, ...]] = []
+
+    def record(next_fn, args, kwargs, context):  # noqa: ANN001, ANN202
+        if isinstance(context.module, layers.Conv) and context.method_name == "__call__":
+            calls.append((*context.module.path, "kernel"))
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x), variables, jnp.zeros(shape))
+    return calls
+
+
+@pytest.mark.parametrize("name,kwargs,shape,count", CASES, ids=IDS)
+def test_conv_units_paths_and_order(name: str, kwargs: dict, shape: tuple, count: int) -> None:
+    del count
+    model, variables = _abstract(name, kwargs, shape)
+    params = variables["params"]
+    units = models.conv_units(model, params)
+    assert models.conv_units(model, variables) == units  # the variables dict works too
+    assert len({u.name for u in units}) == len(units)
+    shortcut_kernels = []
+    for u in units:
+        assert u.name == "_".join(u.kernel_path[:-1])
+        node = params
+        for p in u.kernel_path:
+            node = node[p]
+        assert node.ndim == (3 if name == "conv1d" else 4)
+        if u.bn_path is not None:
+            bn = params
+            for p in u.bn_path:
+                bn = bn[p]
+            assert bn["scale"].shape == bn["bias"].shape == (node.shape[-1],)
+        for path in u.shortcut_paths:
+            leaf = params
+            for p in path:
+                leaf = leaf[p]
+            for x in jax.tree.leaves(leaf):
+                assert x.shape[-1] == node.shape[-1]
+            if path[-1] == "kernel":
+                shortcut_kernels.append(path)
+    # Units in forward order, and every conv kernel is a unit or some unit's shortcut.
+    all_kernels = _forward_conv_paths(model, variables, shape)
+    unit_kernels = [u.kernel_path for u in units]
+    assert unit_kernels == [p for p in all_kernels if p not in shortcut_kernels]
+    assert sorted(unit_kernels + shortcut_kernels) == sorted(all_kernels)
+    expected_units = {"mlp": 0, "lenet300_100": 0, "conv1d": 3, "small_cnn": 4, "vgg11_bn": 8,
+                      "resnet18": 17, "resnet20": 19, "resnet56": 55}[name]
+    assert len(units) == expected_units
+    if name == "resnet18":
+        with_shortcut = [u.name for u in units if u.shortcut_paths]
+        assert with_shortcut == ["stage2_block1_conv2", "stage3_block1_conv2", "stage4_block1_conv2"]
+        assert [u.name for u in units[-4:]] == [
+            "stage4_block1_conv1", "stage4_block1_conv2", "stage4_block2_conv1", "stage4_block2_conv2"]
+    if name == "vgg11_bn":
+        assert [u.name for u in units[-4:]] == ["conv5", "conv6", "conv7", "conv8"]
+
+
+def test_conv_units_rejects_foreign_params() -> None:
+    model, _ = _abstract("vgg11_bn", {"width": 1 / 16}, (2, 32, 32, 3))
+    _, other = _abstract("small_cnn", {}, (2, 32, 32, 3))
+    with pytest.raises(ValueError, match="bn1"):
+        models.conv_units(model, other["params"])
+
+
+# ---- fast layers against the reference (nn.Conv / nn.max_pool), forward and gradients ----
+
+CONV_CASES = [  # spatial input, kernel, strides, padding, C_in, C_out
+    ((2, 2), (3, 3), (1, 1), "SAME", 8, 16),
+    ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1)), 8, 4),
+    ((5, 6), (3, 3), (2, 2), ((1, 1), (1, 1)), 3, 5),
+    ((6, 6), (1, 1), (2, 2), "VALID", 4, 6),
+    ((40,), (5,), (2,), ((1, 1),), 1, 7),
+]
+
+
+@pytest.mark.parametrize("spatial,ksize,strides,padding,cin,cout", CONV_CASES)
+@pytest.mark.parametrize("impl", ["patches", "auto"])
+def test_conv_matches_flax_conv(spatial, ksize, strides, padding, cin, cout, impl, key) -> None:
+    x = jax.random.normal(key, (2, *spatial, cin))
+    ref = nn.Conv(cout, ksize, strides, padding)
+    ours = layers.Conv(cout, ksize, strides, padding, impl=impl)
+    abstract = jax.eval_shape(ref.init, jax.random.key(1), x)
+    chex.assert_trees_all_equal_shapes(  # same names and shapes as nn.Conv
+        abstract, jax.eval_shape(ours.init, jax.random.key(1), x))
+    params = _numpy_init(abstract)
+
+    def loss(module: nn.Module, p: PyTree, x: jax.Array) -> jax.Array:
+        y = module.apply(p, x)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(lambda p, x: loss(ref, p, x), (0, 1),
+                                                   has_aux=True))(params, x)
+    (_, y), g = jax.jit(jax.value_and_grad(lambda p, x: loss(ours, p, x), (0, 1),
+                                           has_aux=True))(params, x)
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 2), (2, 2, 2, 4), (2, 9, 3)])
+def test_reshape_max_pool_matches_flax(shape: tuple, key) -> None:
+    x = jax.random.normal(key, shape)  # continuous values: no ties, so the argmax gradient is unique
+    nd = len(shape) - 2
+
+    def ref(x: jax.Array) -> jax.Array:
+        return nn.max_pool(x, (2,) * nd, (2,) * nd, padding="VALID")
+
+    def fast(x: jax.Array) -> jax.Array:
+        return layers.max_pool(x, "reshape")
+
+    w = jax.random.normal(jax.random.key(3), ref(x).shape)
+    y_ref, g_ref = jax.jit(jax.value_and_grad(lambda x: jnp.sum(w * ref(x))))(x)
+    y, g = jax.jit(jax.value_and_grad(lambda x: jnp.sum(w * fast(x))))(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+    np.testing.assert_array_equal(g, g_ref)
+    np.testing.assert_array_equal(layers.max_pool(x, "xla"), ref(x))
+
+
+# ---- tiny real forward passes, and whole models equal across implementations ----
+
+TINY = [  # cheap to compile and run on CPU
+    ("mlp", {"widths": (16, 8)}, (2, 8, 8, 1)),
+    ("conv1d", {"channels": (4, 4, 4)}, (2, 40, 1)),
+    ("small_cnn", {"channels": (4, 4, 8, 8), "dense": 16, "batch_norm": True}, (2, 8, 8, 3)),
+    ("vgg11_bn", {"width": 1 / 16}, (2, 32, 32, 3)),
+    ("resnet20", {"width": 0.25, "stage_sizes": (1, 1, 1)}, (2, 8, 8, 3)),
+    # 16x16 input leaves a 2x2 map (8 values per BN channel) at the last stage; on 1x1 maps BN over a
+    # batch of 2 amplifies float rounding differences between implementations beyond the tolerance.
+    ("resnet18", {"width": 1 / 16, "stage_sizes": (1, 1, 1, 1)}, (2, 16, 16, 3)),
+]
+REFERENCE = {"conv_impl": "xla", "pool_impl": "xla"}
+
+
+def _numpy_init(variables: PyTree, seed: int = 0) -> PyTree:
+    """Concrete variables for an abstract tree, drawn with numpy.
+
+    Compiling `model.init` is slow on XLA CPU (jax 0.10.2, threefry_partitionable: about 10 s for a
+    width-1/16 VGG11 on an idle machine, over a minute under load), so the forward tests skip it.
+    """
+    rng = np.random.default_rng(seed)
+
+    def leaf(path: tuple, s: jax.ShapeDtypeStruct) -> jax.Array:
+        name = path[-1].key
+        if name == "kernel":
+            x = rng.standard_normal(s.shape) / np.sqrt(math.prod(s.shape[:-1]))
+        elif name in ("scale", "var"):
+            x = 1.0 + 0.1 * rng.random(s.shape)
+        else:  # biases, BN shifts and running means
+            x = 0.1 * rng.standard_normal(s.shape)
+        return jnp.asarray(x, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+def _impl_kwargs(name: str, kw: dict) -> dict:
+    keys = {"mlp": (), "conv1d": ("conv_impl",), "resnet20": ("conv_impl",),
+            "resnet18": ("conv_impl",)}.get(name, ("conv_impl", "pool_impl"))
+    return {k: v for k, v in kw.items() if k in keys}
+
+
+@pytest.mark.parametrize("name,kwargs,shape", TINY, ids=[t[0] for t in TINY])
+def test_tiny_forward_and_fast_equals_reference(name: str, kwargs: dict, shape: tuple, key) -> None:
+    x_key, init_key = jax.random.split(key)
+    x = jax.random.normal(x_key, shape)
+    fast = models.get_model(name, 10, **kwargs)
+    variables = dict(_numpy_init(jax.eval_shape(fast.init, init_key, x)))
+    variables.setdefault("batch_stats", {})  # documented: models without BN accept an empty dict
+
+    def loss(model: nn.Module, v: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+        out, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out * jnp.arange(10.0)[None]), (out, new)
+
+    grad_fn = lambda m: jax.jit(jax.grad(lambda p: loss(m, {**variables, "params": p}),
+                                         has_aux=True))  # noqa: E731
+    g, (out, new) = grad_fn(fast)(variables["params"])
+    assert out.shape == (2, 10) and bool(jnp.all(jnp.isfinite(out)))
+    if variables["batch_stats"]:  # train mode moved the running means towards the batch means
+        before = jax.tree.leaves(variables["batch_stats"])
+        after = jax.tree.leaves(new["batch_stats"])
+        assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+    eval_out = jax.jit(lambda v: fast.apply(v, x, train=False))(variables)
+    assert eval_out.shape == (2, 10)
+    if name == "mlp":
+        return
+    reference = models.get_model(name, 10, **kwargs, **_impl_kwargs(name, REFERENCE))
+    g2, (out2, new2) = grad_fn(reference)(variables["params"])
+    chex.assert_trees_all_close(out2, out, rtol=1e-3, atol=1e-4)
+    chex.assert_trees_all_close(new2, new, rtol=1e-3, atol=1e-4)
+    chex.assert_trees_all_close(g2, g, rtol=1e-3, atol=1e-3)
+
+
+def test_jitted_init_of_a_small_model(key) -> None:
+    model = models.get_model("small_cnn", 10, channels=(2, 2, 4, 4), dense=8, batch_norm=True)
+    variables = jax.jit(model.init)(key, jnp.zeros((2, 8, 8, 1)))
+    chex.assert_trees_all_equal_shapes(
+        variables, jax.eval_shape(model.init, key, jnp.zeros((2, 8, 8, 1))))
+    np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], np.ones(2))
+    # He (fan_out) init: Var[w] = 2 / (O k_h k_w); check the first conv's std loosely (36 samples).
+    assert 0.2 < float(jnp.std(variables["params"]["conv3"]["kernel"])) < 0.35  # sqrt(2/36) = 0.236
