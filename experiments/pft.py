@@ -47,10 +47,10 @@ def get_config() -> config_dict.ConfigDict:
     c.pruners = "magnitude,snip,random"  # names in jaxprune.pruners.PRUNERS
     c.sparsities = "0.8,0.9,0.95"
     c.snip_at = "init"  # SNIP scores at initialisation (original) or at the trained weights
-    c.estimators = "concrete,rloo"  # names in jaxprune.estimators.ESTIMATORS
+    c.estimators = "concrete_st,rloo"  # names in jaxprune.estimators.ESTIMATORS
     c.pft = config_dict.create(  # fields of jaxprune.pft.PFTConfig (estimator set per run)
         num_samples=4, s0=3.0, learning_rate=0.05, steps=300, batch_size=128, joint=False,
-        weight_lr=1e-4, budget_weight=0.0)
+        weight_lr=1e-4, budget_weight=100.0)
     c.tau = 0.5  # temperature of the relaxed (concrete) estimators
     c.threshold_scope = "global"  # top-k by p over all layers ("global") or per layer ("layer")
     c.finetune_lr = 1e-3  # baseline_ft: Adam on the masked weights, same number of steps as PFT
