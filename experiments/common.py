@@ -21,6 +21,9 @@ from jaxprune import models, stats
 
 def setup_workdir(config: config_dict.ConfigDict, workdir: str) -> str:
     """Creates `workdir` and writes the resolved config as config.json."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; keep the progress bars readable
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
