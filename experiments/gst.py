@@ -209,14 +209,18 @@ def _perturb(state: RunState, key: jax.Array, spec: RunSpec, units: tuple[models
              ) -> RunState:
     """Before a training batch: zero (or add noise to) the targeted channels of open windows.
 
-    Zeroing hits the kernel and the BN scale/bias (the channel is then exactly off, as if pruned);
-    Gaussian noise hits the kernel only, with std of the unperturbed filters' weights (notes §3).
+    Zeroing as in the reference (notes §3): the restore variant zeroes the kernel and the BN
+    scale/bias (the channel is then exactly off, as if pruned); the return-at-zero variant zeroes the
+    kernel only. (Zeroing and returning gamma = beta = 0 too would leave a dead channel that never
+    trains again: kernel 0 gives a BN output of beta = 0 and ReLU'(0) = 0, so every gradient is 0.)
+    Gaussian noise hits the kernel only, with std of the unperturbed filters' weights.
     """
     params = state.train.params
     for j, u in enumerate(units):
         layer, tgt = _layer(params, u), state.targeted[u.name]
         active = state.remaining[u.name] > 0
         zeroed = scoring.zero_channels(layer, tgt)
+        zeroed = {k: jnp.where(spec.restore | (k == "kernel"), v, layer[k]) for k, v in zeroed.items()}
         std = scoring.unperturbed_std(layer["kernel"], state.alive[u.name] & ~tgt)
         noisy = dict(layer, kernel=scoring.add_channel_noise(
             jax.random.fold_in(key, j), {"k": layer["kernel"]}, tgt, std)["k"])
@@ -236,51 +240,74 @@ def _close_windows(state: RunState, spec: RunSpec, units: tuple[models.ConvUnit,
         closing = (state.remaining[u.name] == 1) & (spec.noise == NOISE_ZERO)
         layer = _layer(params, u)
         ended = scoring.end_zeroing(layer, state.saved[u.name], state.targeted[u.name], spec.restore)
+        # Return at zero touches the kernel only (BN was never zeroed in that variant).
+        ended = {k: jnp.where(spec.restore | (k == "kernel"), v, layer[k]) for k, v in ended.items()}
         params = _set_layer(params, u, jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer))
         remaining[u.name] = jnp.maximum(state.remaining[u.name] - 1, 0)
     return state.replace(train=state.train.replace(params=params), remaining=remaining)
 
 
-def run_epoch(state: RunState, x: jax.Array, y: jax.Array, key: jax.Array, spec: RunSpec, *, model,
-              tx: optax.GradientTransformation, batch_size: int, steps: int,
-              units: tuple[models.ConvUnit, ...], noise: bool) -> tuple[RunState, dict[str, jax.Array]]:
-    """One epoch (scan over `steps` batches). With `noise` (static) each batch is preceded by
-    `_perturb` and followed by `_close_windows`; without it this is `train.train_epoch`."""
-    if not noise:
-        ts, m = train.train_epoch(state.train, x, y, key, model=model, tx=tx, batch_size=batch_size,
-                                  steps=steps)
-        return state.replace(train=ts), m
-    idx = data_lib.batch_indices(key, x.shape[0], batch_size, steps)
-    noise_key = jax.random.fold_in(key, 1 << 20)  # a stream apart from the batch-order keys
-
-    def body(s: RunState, idx_b: jax.Array):
-        s = _perturb(s, jax.random.fold_in(noise_key, s.train.step), spec, units)
-        ts, m = train.train_step(s.train, x[idx_b], y[idx_b], model=model, tx=tx)
-        return _close_windows(s.replace(train=ts), spec, units), m
-
-    return jax.lax.scan(body, state, idx)
+def run_step(state: RunState, x: jax.Array, y: jax.Array, idx: jax.Array, key: jax.Array,
+             spec: RunSpec, *, model, tx: optax.GradientTransformation,
+             units: tuple[models.ConvUnit, ...], noise: bool) -> tuple[RunState, dict[str, jax.Array]]:
+    """One training batch x[idx]. With `noise` (static) it is preceded by `_perturb` and followed by
+    `_close_windows`; without it this is exactly `train.train_step`."""
+    if noise:
+        state = _perturb(state, jax.random.fold_in(key, state.train.step), spec, units)
+    ts, m = train.train_step(state.train, x[idx], y[idx], model=model, tx=tx)
+    state = state.replace(train=ts)
+    if noise:
+        state = _close_windows(state, spec, units)
+    return state, m
 
 
-def accuracy(state: RunState, x: jax.Array, y: jax.Array, *, model, batch_size: int) -> jax.Array:
-    """Eval-mode (BN running statistics) test accuracy of the masked network."""
-    return 1.0 - train.evaluate(state.train, x, y, model=model, batch_size=batch_size)["error"]
+def num_correct(state: RunState, x: jax.Array, y: jax.Array, *, model) -> jax.Array:
+    """Eval-mode (BN running statistics) number of correct predictions of the masked network."""
+    logits, _ = train.forward(model, state.train.params, state.train.batch_stats, state.train.mask,
+                              x, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == y)
 
 
 # ----------------------------------------------------------------------------- host loop
 
 
-@functools.lru_cache(maxsize=8)
-def compiled(model, tx, batch_size: int, steps: int, eval_batch_size: int,
-             units: tuple[models.ConvUnit, ...], scoring_name: str, noise: bool, strategy: str):
-    """(init_fn, epoch_fn, eval_fn, prune_fn), each mapped over runs (cached: compile once)."""
-    epoch_fn = train.map_seeds(functools.partial(
-        run_epoch, model=model, tx=tx, batch_size=batch_size, steps=steps, units=units, noise=noise),
-        (0, None, None, 0, 0), strategy)
-    eval_fn = train.map_seeds(functools.partial(accuracy, model=model, batch_size=eval_batch_size),
-                              (0, None, None), strategy)
-    prune_fn = train.map_seeds(functools.partial(prune_event, units=units, scoring_name=scoring_name),
-                               (0, 0, 0, 0), strategy)
-    return epoch_fn, eval_fn, prune_fn
+class Runner:
+    """Maps single-run functions over R runs. "vmap": states are one stacked pytree and each call is
+    jit(vmap(fn)). "sequential": states are a list of R unstacked pytrees and each call runs one
+    compiled single-run program R times (no per-call slicing of the states)."""
+
+    def __init__(self, strategy: str):
+        # Several devices: "auto" resolves to "sharded"; here that runs as one vmapped program
+        # (jit places it; explicit seed sharding for this study is not wired in yet).
+        strategy = "vmap" if strategy == "sharded" else strategy
+        if strategy not in ("vmap", "sequential"):
+            raise ValueError(f"strategy must be 'vmap' or 'sequential', got {strategy!r}")
+        self.strategy = strategy
+
+    def wrap(self, states: RunState) -> Any:
+        if self.strategy == "vmap":
+            return states
+        return [jax.tree.map(lambda v, i=i: v[i], states) for i in range(train.num_seeds(states))]
+
+    def stacked(self, states: Any) -> RunState:
+        return states if self.strategy == "vmap" else stack(states)
+
+    def map(self, fn, in_axes: Sequence[int | None]):
+        """fn(state, *args) -> (state, aux) or aux; returns f(states, *args) -> same, aux stacked."""
+        in_axes = tuple(in_axes)
+        if self.strategy == "vmap":
+            return jax.jit(jax.vmap(fn, in_axes=(0,) + in_axes))
+        single = jax.jit(fn)
+
+        def run(states, *args):
+            outs = [single(s, *[jax.tree.map(lambda v, i=i: v[i], a) if ax == 0 else a
+                                for a, ax in zip(args, in_axes)])
+                    for i, s in enumerate(states)]
+            if isinstance(outs[0], tuple) and isinstance(outs[0][0], RunState):
+                return [o[0] for o in outs], stack([o[1] for o in outs])
+            return stack(outs)
+
+        return run
 
 
 def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: str, states: RunState,
@@ -288,8 +315,14 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
                prune_keys: jax.Array, batch_size: int, eval_batch_size: int, strategy: str,
                noise: bool, ckpt_dir: str | None, checkpoint_every: int, desc: str
                ) -> tuple[RunState, dict[str, np.ndarray]]:
-    """Trains R runs for counts.shape[1] epochs; returns final states and (R, E) arrays
-    t_pre, t_post, train_acc, train_loss and (R, E, L) pruned counts. Resumes from `ckpt_dir`."""
+    """Trains R runs (leading axis of `states`, `specs`, `counts`) for counts.shape[1] epochs.
+
+    An epoch is `steps` calls of the mapped jitted `run_step` from the host: on XLA CPU a conv train
+    step inside `lax.scan` ran 12x slower than the same jitted step called from Python (1.1 s vs
+    0.095 s, measured here), and unrolling the scan cost 70 s of compile. Returns the final stacked
+    states and (R, E) arrays t_pre, t_post, train_acc, train_loss, and (R, E, L) pruned counts.
+    Resumes from `ckpt_dir` (orbax, every `checkpoint_every` epochs and at the end).
+    """
     from tqdm.auto import tqdm
 
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
@@ -297,8 +330,21 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     steps = x.shape[0] // batch_size
     if steps <= 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
-    epoch_fn, eval_fn, prune_fn = compiled(model, tx, batch_size, steps, eval_batch_size, units,
-                                           scoring_name, noise, strategy)
+    runner = Runner(strategy)
+    step_fn = runner.map(functools.partial(run_step, model=model, tx=tx, units=units, noise=noise),
+                         (None, None, 0, 0, 0))
+    correct_fn = runner.map(functools.partial(num_correct, model=model), (None, None))
+    prune_fn = runner.map(functools.partial(prune_event, units=units, scoring_name=scoring_name),
+                          (0, 0, 0))
+    order_fn = jax.jit(jax.vmap(functools.partial(
+        data_lib.batch_indices, num_examples=x.shape[0], batch_size=batch_size, num_batches=steps)))
+
+    def test_acc(st) -> np.ndarray:
+        n = xt.shape[0]
+        tot = sum(np.asarray(correct_fn(st, xt[i:i + eval_batch_size], yt[i:i + eval_batch_size]))
+                  for i in range(0, n, eval_batch_size))
+        return tot / n
+
     num_runs, num_epochs = counts.shape[:2]
     hist = {k: np.zeros((num_runs, num_epochs), np.float64)
             for k in ("t_pre", "t_post", "train_acc", "train_loss")}
@@ -309,26 +355,34 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
         if restored is not None:
             start, states, meta = restored
             hist = {k: np.asarray(v, hist[k].dtype) for k, v in meta["hist"].items()}
+    states = runner.wrap(states)
     bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs)
     for epoch in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
-        states, m = epoch_fn(states, x, y, keys, specs)
-        hist["train_acc"][:, epoch] = 1.0 - np.asarray(m["error"]).mean(-1)
-        hist["train_loss"][:, epoch] = np.asarray(m["loss"]).mean(-1)
-        hist["t_pre"][:, epoch] = t_pre = np.asarray(eval_fn(states, xt, yt))
+        idx = order_fn(keys)  # (R, steps, B): each run's own order, a function of its key
+        noise_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1 << 20)
+        loss, err = [], []
+        for t in range(steps):
+            states, m = step_fn(states, x, y, idx[:, t], noise_keys, specs)
+            loss.append(m["loss"])
+            err.append(m["error"])
+        hist["train_acc"][:, epoch] = 1.0 - np.asarray(jnp.stack(err, -1)).mean(-1)
+        hist["train_loss"][:, epoch] = np.asarray(jnp.stack(loss, -1)).mean(-1)
+        hist["t_pre"][:, epoch] = t_pre = test_acc(states)
         k_e = counts[:, epoch]
         if k_e.any():  # mask update, then t_post with nothing in between
             pk = jax.vmap(jax.random.fold_in, in_axes=(0, None))(prune_keys, epoch)
             states, npr = prune_fn(states, pk, jnp.asarray(k_e), specs)
             hist["pruned"][:, epoch] = np.asarray(npr)
-            hist["t_post"][:, epoch] = np.asarray(eval_fn(states, xt, yt))
+            hist["t_post"][:, epoch] = test_acc(states)
         else:
             hist["t_post"][:, epoch] = t_pre
         bar.set_postfix(test=f"{hist['t_post'][:, epoch].mean():.4f}")
         done = epoch + 1
         if ckpt_dir and checkpoint_every and (done % checkpoint_every == 0 or done == num_epochs):
-            train.save_checkpoint(ckpt_dir, done, states, {"hist": {k: v.tolist() for k, v in hist.items()}})
-    return states, hist
+            train.save_checkpoint(ckpt_dir, done, runner.stacked(states),
+                                  {"hist": {k: v.tolist() for k, v in hist.items()}})
+    return runner.stacked(states), hist
 
 
 def setup_dirs(workdir: str) -> str:

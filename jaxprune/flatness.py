@@ -384,8 +384,8 @@ def tic_trace(
     damping: float,
     mask: PyTree | None = None,
     batch_size: int | None = None,
-    tol: float = 1e-6,
-    maxiter: int | None = None,
+    tol: float = 1e-5,
+    maxiter: int = 100,
 ) -> jax.Array:
     """Tr((H + lambda I)^-1 C) = (1/n) sum_i g_i^T (H + lambda I)^-1 g_i (C = G^T G / n, uncentred).
 

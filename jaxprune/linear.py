@@ -1,13 +1,13 @@
 """Linear-regression theory of stochastic pruning masks (notes: papers/pft-pac-bayes.md §3 and §6).
 
-Setting: data X (n x d), labels y (n), frozen weights w (d), keep probabilities p (d) or logits s with
-p = sigmoid(s); mask m_i ~ Bernoulli(p_i) independently, predictor x -> <m * w, x>. Moments:
+Setting: data X (n x d), labels y (n), frozen weights w (d), keep probabilities p (d) or logits s
+with p = sigmoid(s); mask m_i ~ Bernoulli(p_i) independently, predictor x -> <m * w, x>. Moments:
 Sigma = X^T X / n, c = X^T y / n (feature-label alignment). Everything is a pure single-instance
 function: callers jit and `jax.vmap` over problem instances. Integer step counts are static.
 
-Input checks: shapes (and n > 0) are checked always, also under jit / vmap (shapes are static there);
-value checks (p in [0, 1], q in (0, 1], eta and t >= 0) run only on concrete inputs and are skipped for
-traced values under jit, where they cannot be evaluated.
+Input checks: shapes (and n > 0) are checked always, also under jit / vmap (shapes are static
+there); value checks (p in [0, 1], q in (0, 1], eta and t >= 0) run only on concrete inputs and
+are skipped for traced values under jit, where they cannot be evaluated.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ def _check_data(X: ArrayLike, y: ArrayLike, name: str = "") -> tuple[jax.Array, 
     if X.ndim != 2:
         raise ValueError(f"X{name} must be a matrix (n, d), got shape {X.shape}")
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
-        raise ValueError(f"y{name} must have shape ({X.shape[0]},) to match X{name} {X.shape}, got {y.shape}")
+        raise ValueError(
+            f"y{name} must have shape ({X.shape[0]},) to match X{name} {X.shape}, got {y.shape}"
+        )
     if X.shape[0] == 0:
-        raise ValueError(f"X{name} has n = 0 rows: the empirical loss (1/n)||y - X b||^2 is undefined")
+        raise ValueError(
+            f"X{name} has n = 0 rows: the empirical loss (1/n)||y - X b||^2 is undefined"
+        )
     if X.shape[1] == 0:
         raise ValueError(f"X{name} has d = 0 features")
     return X, y
@@ -66,7 +70,9 @@ def _check_nonneg(v: ArrayLike, arg: str) -> None:
     _check_range(v, arg, 0.0, np.inf)
 
 
-def _inputs(X, y, w, p, parg: str = "p") -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _inputs(
+    X: ArrayLike, y: ArrayLike, w: ArrayLike, p: ArrayLike, parg: str = "p"
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     X, y = _check_data(X, y)
     d = X.shape[1]
     return X, y, _check_vec(w, d, "w"), _check_vec(p, d, parg)
@@ -94,7 +100,7 @@ def alignment(X: ArrayLike, y: ArrayLike) -> jax.Array:
 
 
 def orthogonal_design(key: jax.Array, n: int, d: int) -> jax.Array:
-    """Random X (n, d) with X^T X / n = I exactly (sqrt(n) times the Q factor of a Gaussian matrix)."""
+    """Random X (n, d) with X^T X / n = I exactly (sqrt(n) times the Q factor of a Gaussian)."""
     if not 0 < d <= n:
         raise ValueError(f"an orthogonal design needs 0 < d <= n, got n = {n}, d = {d}")
     q, r = jnp.linalg.qr(jax.random.normal(key, (n, d)))
@@ -137,7 +143,8 @@ def _grad_p_moments(m: Moments, w: jax.Array, p: jax.Array) -> jax.Array:
 
 
 def partial_residual_alignment(X: ArrayLike, y: ArrayLike, w: ArrayLike, p: ArrayLike) -> jax.Array:
-    """r_i = (1/n) X_i^T (y - sum_{k != i} p_k w_k X_k) = c_i - sum_{k != i} Sigma_ik p_k w_k (§3.3)."""
+    """r_i = (1/n) X_i^T (y - sum_{k != i} p_k w_k X_k) = c_i - sum_{k != i} Sigma_ik p_k w_k
+    (§3.3)."""
     X, y, w, p = _inputs(X, y, w, p)
     _check_range(p, "p", 0.0, 1.0)
     beta = p * w
@@ -159,7 +166,7 @@ def expected_loss_grad_logits(X: ArrayLike, y: ArrayLike, w: ArrayLike, s: Array
     return p * (1 - p) * expected_loss_grad(X, y, w, p)
 
 
-# ----------------------------------------------------------------------------- L1 vs L2 decompositions
+# ------------------------------------------------------------------------ L1 vs L2 decompositions
 
 
 class PFTDecomposition(NamedTuple):
@@ -170,7 +177,8 @@ class PFTDecomposition(NamedTuple):
 
 
 def pft_decomposition(X: ArrayLike, y: ArrayLike, w: ArrayLike, p: ArrayLike) -> PFTDecomposition:
-    """Frozen w, trained p: L = (1/n)||y - X beta||^2 + sum_i lambda_i |beta_i| - sum_i Sigma_ii beta_i^2,
+    """Frozen w, trained p:
+    L = (1/n)||y - X beta||^2 + sum_i lambda_i |beta_i| - sum_i Sigma_ii beta_i^2,
     lambda_i = Sigma_ii |w_i| (§3.2; p(1-p) w^2 = |w||beta| - beta^2 since |beta| <= |w|)."""
     X, y, w, p = _inputs(X, y, w, p)
     _check_range(p, "p", 0.0, 1.0)
@@ -188,7 +196,9 @@ class DropoutDecomposition(NamedTuple):
     total: jax.Array  # = E_{m~Bern(q)} (1/n)||y - X(m*w/q)||^2
 
 
-def dropout_decomposition(X: ArrayLike, y: ArrayLike, w: ArrayLike, q: ArrayLike) -> DropoutDecomposition:
+def dropout_decomposition(
+    X: ArrayLike, y: ArrayLike, w: ArrayLike, q: ArrayLike
+) -> DropoutDecomposition:
     """Inverted dropout with one keep probability q and trained w (§3.2, Wager et al. 2013):
     E (1/n)||y - X(m*w/q)||^2 = (1/n)||y - Xw||^2 + ((1-q)/q) sum_i Sigma_ii w_i^2."""
     X, y = _check_data(X, y)
@@ -212,8 +222,9 @@ def dropout_solution(X: ArrayLike, y: ArrayLike, q: ArrayLike) -> jax.Array:
     return jnp.linalg.solve(a, mom.c)
 
 
-def dropout_gd(X: ArrayLike, y: ArrayLike, w0: ArrayLike, q: ArrayLike, lr: ArrayLike,
-               num_steps: int) -> jax.Array:
+def dropout_gd(
+    X: ArrayLike, y: ArrayLike, w0: ArrayLike, q: ArrayLike, lr: ArrayLike, num_steps: int
+) -> jax.Array:
     """Gradient descent on w for the dropout loss; returns the (num_steps + 1, d) trajectory."""
     mom = moments(X, y)
     w0 = _check_vec(w0, mom.c.shape[0], "w0")
@@ -248,12 +259,14 @@ def keep_rule(X: ArrayLike, y: ArrayLike, w: ArrayLike) -> jax.Array:
     return 2 * w * mom.c > jnp.diagonal(mom.sigma) * w * w
 
 
-def coordinate_keep_rule(X: ArrayLike, y: ArrayLike, w: ArrayLike, m0: ArrayLike | None = None,
-                         max_sweeps: int = 100) -> jax.Array:
+def coordinate_keep_rule(
+    X: ArrayLike, y: ArrayLike, w: ArrayLike, m0: ArrayLike | None = None, max_sweeps: int = 100
+) -> jax.Array:
     """Vertex minimiser by the coordinate-wise rule, any design: sweep i = 1..d setting
     m_i = [2 w_i r_i(m) > Sigma_ii w_i^2] (L is affine in each p_i, §3.2-3.3), until a sweep changes
-    nothing. Each change strictly lowers L, so it stops at a vertex no single flip improves; the global
-    minimiser over [0,1]^d (a vertex) is such a fixed point. Starts from `keep_rule` unless m0 is given.
+    nothing. Each change strictly lowers L, so it stops at a vertex no single flip improves;
+    the global minimiser over [0,1]^d (a vertex) is such a fixed point. Starts from `keep_rule`
+    unless m0 is given.
     """
     X, y = _check_data(X, y)
     d = X.shape[1]
@@ -272,7 +285,9 @@ def coordinate_keep_rule(X: ArrayLike, y: ArrayLike, w: ArrayLike, m0: ArrayLike
         new = jax.lax.fori_loop(0, d, coord, m)
         return new, jnp.any(new != m), k + 1
 
-    m, _, _ = jax.lax.while_loop(lambda s: s[1] & (s[2] < max_sweeps), sweep, (m, jnp.array(True), 0))
+    m, _, _ = jax.lax.while_loop(
+        lambda s: s[1] & (s[2] < max_sweeps), sweep, (m, jnp.array(True), 0)
+    )
     return m
 
 
@@ -336,8 +351,9 @@ def orthogonal_drift(X: ArrayLike, y: ArrayLike, w: ArrayLike) -> jax.Array:
     return jnp.diagonal(mom.sigma) * w * w - 2 * w * mom.c
 
 
-def orthogonal_flow(X: ArrayLike, y: ArrayLike, w: ArrayLike, s0: ArrayLike, eta: ArrayLike,
-                    t: ArrayLike) -> jax.Array:
+def orthogonal_flow(
+    X: ArrayLike, y: ArrayLike, w: ArrayLike, s0: ArrayLike, eta: ArrayLike, t: ArrayLike
+) -> jax.Array:
     """Closed-form logits s(t) of the gradient flow ds/dt = -eta dL/ds. Exact when X^T X/n is
     diagonal; for other designs it is the flow of the diagonal part only (off-diagonals ignored)."""
     X, y = _check_data(X, y)
@@ -345,8 +361,15 @@ def orthogonal_flow(X: ArrayLike, y: ArrayLike, w: ArrayLike, s0: ArrayLike, eta
     return flow_closed_form(orthogonal_drift(X, y, w), s0, eta, t)
 
 
-def logit_flow(X: ArrayLike, y: ArrayLike, w: ArrayLike, s0: ArrayLike, eta: ArrayLike,
-               t: ArrayLike, num_steps: int) -> jax.Array:
+def logit_flow(
+    X: ArrayLike,
+    y: ArrayLike,
+    w: ArrayLike,
+    s0: ArrayLike,
+    eta: ArrayLike,
+    t: ArrayLike,
+    num_steps: int,
+) -> jax.Array:
     """Gradient flow ds/dt = -eta p(1-p) a(p) for any design, by RK4 with num_steps steps of t /
     num_steps (lax.scan); returns the (num_steps + 1, d) trajectory s(k t / num_steps)."""
     mom = moments(X, y)
@@ -373,8 +396,15 @@ def logit_flow(X: ArrayLike, y: ArrayLike, w: ArrayLike, s0: ArrayLike, eta: Arr
     return jnp.concatenate([s0[None], ss])
 
 
-def projected_gd(X: ArrayLike, y: ArrayLike, w: ArrayLike, p0: ArrayLike, lr: ArrayLike,
-                 num_steps: int, eps: float = 0.0) -> jax.Array:
+def projected_gd(
+    X: ArrayLike,
+    y: ArrayLike,
+    w: ArrayLike,
+    p0: ArrayLike,
+    lr: ArrayLike,
+    num_steps: int,
+    eps: float = 0.0,
+) -> jax.Array:
     """Gradient descent on p directly, projected onto [eps, 1 - eps]^d after each step (§1.3):
     reaches the vertex in finite time. Returns the (num_steps + 1, d) trajectory."""
     mom = moments(X, y)
@@ -401,9 +431,11 @@ def bernoulli_kl_logits(u: ArrayLike, v: ArrayLike) -> jax.Array:
     log1p(q expm1(v - u)) - q (v - u), q = sigmoid(u) (softplus Bregman divergence, §6)."""
     u, v = jnp.asarray(u), jnp.asarray(v)
     if u.shape != v.shape:
-        raise ValueError(f"posterior and prior logits must have the same shape, got {u.shape}, {v.shape}")
+        raise ValueError(
+            f"posterior and prior logits must have the same shape, got {u.shape}, {v.shape}"
+        )
     q, delta = jax.nn.sigmoid(u), v - u
-    # log1p(q expm1(delta)) overflows for large delta; there softplus(v) - softplus(u) is exact enough.
+    # log1p(q expm1(delta)) overflows for large delta; there softplus(v) - softplus(u) is accurate.
     big = jnp.abs(delta) > 20
     direct = jax.nn.softplus(v) - jax.nn.softplus(u)
     stable = jnp.log1p(q * jnp.expm1(jnp.where(big, 0.0, delta)))
@@ -416,19 +448,32 @@ class FlowKL(NamedTuple):
     kl: jax.Array  # KL(Q || P), exact
     bound: jax.Array  # (eta^2 t^2 / 128) sum_i (a_i^Q - a_i^P)^2
     alignment_change: jax.Array  # sum_i w_i^2 (c_i^Q - c_i^P)^2
-    matched_bound: jax.Array  # (eta^2 t^2 / 32) * alignment_change; valid when diag Sigma^Q = diag Sigma^P
+    matched_bound: (
+        jax.Array
+    )  # (eta^2 t^2 / 32) * alignment_change; valid when diag Sigma^Q = diag Sigma^P
 
 
-def flow_kl(Xq: ArrayLike, yq: ArrayLike, Xp: ArrayLike, yp: ArrayLike, w: ArrayLike, s0: ArrayLike,
-            eta: ArrayLike, t: ArrayLike) -> FlowKL:
+def flow_kl(
+    Xq: ArrayLike,
+    yq: ArrayLike,
+    Xp: ArrayLike,
+    yp: ArrayLike,
+    w: ArrayLike,
+    s0: ArrayLike,
+    eta: ArrayLike,
+    t: ArrayLike,
+) -> FlowKL:
     """KL between the mask posterior Q (closed-form flow for time t on (Xq, yq)) and prior P (same
-    flow on (Xp, yp)), same w and s(0), orthogonal designs (§6). |s^Q - s^P| <= eta t |a^Q - a^P| / 4
+    flow on (Xp, yp)), same w and s(0), orthogonal designs (§6).
+    |s^Q - s^P| <= eta t |a^Q - a^P| / 4
     (G' >= 4) and KL(Bern(sigmoid u) || Bern(sigmoid v)) <= (u - v)^2 / 8 give
     KL(Q||P) <= (eta^2 t^2 / 128) sum_i (a_i^Q - a_i^P)^2."""
     Xq, yq = _check_data(Xq, yq, "q")
     Xp, yp = _check_data(Xp, yp, "p")
     if Xq.shape[1] != Xp.shape[1]:
-        raise ValueError(f"posterior and prior data need the same d, got {Xq.shape[1]} and {Xp.shape[1]}")
+        raise ValueError(
+            f"posterior and prior data need the same d, got {Xq.shape[1]} and {Xp.shape[1]}"
+        )
     d = Xq.shape[1]
     w = _check_vec(w, d, "w")
     s0 = _check_vec(jnp.broadcast_to(s0, (d,)), d, "s0")
@@ -436,8 +481,14 @@ def flow_kl(Xq: ArrayLike, yq: ArrayLike, Xp: ArrayLike, yp: ArrayLike, w: Array
     sq, sp = flow_closed_form(aq, s0, eta, t), flow_closed_form(ap, s0, eta, t)
     scale = jnp.square(eta * jnp.asarray(t))
     change = jnp.sum(w * w * jnp.square(alignment(Xq, yq) - alignment(Xp, yp)))
-    return FlowKL(sq, sp, bernoulli_kl_logits(sq, sp), scale / 128 * jnp.sum(jnp.square(aq - ap)),
-                  change, scale / 32 * change)
+    return FlowKL(
+        sq,
+        sp,
+        bernoulli_kl_logits(sq, sp),
+        scale / 128 * jnp.sum(jnp.square(aq - ap)),
+        change,
+        scale / 32 * change,
+    )
 
 
 def _kl_bernoulli_scalar(q: jax.Array, p: jax.Array) -> jax.Array:
@@ -467,14 +518,22 @@ class Certificate(NamedTuple):
     bound: jax.Array  # with prob >= 1 - delta: clipped risk of Q <= bound
 
 
-def pac_bayes_certificate(Xq: ArrayLike, yq: ArrayLike, w: ArrayLike, s_posterior: ArrayLike,
-                          kl: ArrayLike, delta: float = 0.05, loss_clip: float = 1.0) -> Certificate:
+def pac_bayes_certificate(
+    Xq: ArrayLike,
+    yq: ArrayLike,
+    w: ArrayLike,
+    s_posterior: ArrayLike,
+    kl: ArrayLike,
+    delta: float = 0.05,
+    loss_clip: float = 1.0,
+) -> Certificate:
     """PAC-Bayes-kl bound (Seeger 2002 / Maurer 2004, notes §5.1) for the bounded loss
     l_B(x, y) = min((y - <m*w, x>)^2, B) / B in [0, 1], B = loss_clip:
         kl(Lhat_S(Q) || L(Q)) <= (KL(Q||P) + log(2 sqrt(N) / delta)) / N,   N = n of (Xq, yq).
     The empirical clipped risk is replaced by its upper bound min(1, expected_loss / B) (kl^{-1} is
     increasing in its first argument, so the bound stays valid and needs no Monte Carlo), and KL by
-    any upper bound of it (e.g. FlowKL.bound). Valid when the prior data are independent of (Xq, yq)."""
+    any upper bound of it (e.g. FlowKL.bound). Valid when the prior data are independent of
+    (Xq, yq)."""
     Xq, yq = _check_data(Xq, yq, "q")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")

@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 0  # 0: num_train // batch_size
     eval_batch_size: int = 1000
-    seed_strategy: str = "auto"  # "auto", "vmap" or "sequential"
+    seed_strategy: str = "auto"  # "auto", "vmap", "sequential" or "sharded" (several devices)
     checkpoint_every: int = 1  # epochs; 0 disables checkpoints
 
     @classmethod
@@ -209,9 +209,14 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- many seeds
 
+STRATEGIES = ("vmap", "sequential", "sharded")
+
 
 def default_strategy(model_name: str, backend: str | None = None) -> str:
-    """vmap everywhere except conv nets on CPU, where XLA's batched convolutions are 4-5x slower."""
+    """"sharded" on several devices; else vmap, except conv nets on CPU, where XLA's batched
+    convolutions are 4-5x slower than sequential seeds (shared/ENV.md)."""
+    if jax.device_count() > 1:
+        return "sharded"
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "vmap"
@@ -221,8 +226,8 @@ def default_strategy(model_name: str, backend: str | None = None) -> str:
 def resolve_strategy(strategy: str, model_name: str) -> str:
     if strategy == "auto":
         return default_strategy(model_name)
-    if strategy not in ("vmap", "sequential"):
-        raise ValueError(f"seed strategy must be 'auto', 'vmap' or 'sequential', got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"seed strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}")
     return strategy
 
 
@@ -234,13 +239,18 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     """Run a single-seed `fn` on S seeds: arguments with in_axes 0 carry a leading seed axis.
 
     "vmap": one compiled program `jit(vmap(fn))`. "sequential": one compiled single-seed program called
-    S times, outputs stacked. Same numbers either way.
+    S times, outputs stacked. "sharded": `jit(vmap(fn))` with the seed axis split over all devices
+    (and hosts), see `jaxprune.sharding`. Same numbers in every case.
     """
     in_axes = tuple(in_axes)
     if strategy == "vmap":
         return jax.jit(jax.vmap(fn, in_axes=in_axes))
+    if strategy == "sharded":
+        from jaxprune import sharding
+
+        return sharding.map_seeds_sharded(fn, in_axes)
     if strategy != "sequential":
-        raise ValueError(f"strategy must be 'vmap' or 'sequential', got {strategy!r}")
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     single = jax.jit(fn)
 
     def run(*args):

@@ -13,3 +13,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)
+
+
+@pytest.fixture
+def fast_compile():
+    """Cheaper XLA compiles for end-to-end smoke tests (flax imagenet train_test). Scoped to the test,
+    so tolerance-sensitive tests in the same xdist worker keep full optimisation."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_disable_most_optimizations", True)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _lines(path):

@@ -255,7 +255,7 @@ def test_covariance_traces_match_per_example_loop():
         centred = np.mean(np.sum((gi - gi.mean(0)) ** 2, 1))
         np.testing.assert_allclose(got[name].centred, centred, rtol=1e-4)
     pe = jax.jit(flatness.per_example_grads, static_argnums=0)(example_loss, params, xs, ys)
-    np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(pe), g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(pe), g, rtol=1e-5, atol=1e-6)
 
 
 def test_tic_matches_dense_solve_with_and_without_mask():
@@ -269,7 +269,16 @@ def test_tic_matches_dense_solve_with_and_without_mask():
         ones = jax.tree.map(jnp.ones_like, params)
         tic = jax.jit(
             lambda m: flatness.tic_trace(
-                loss_fn, example_loss, params, xs, ys, damping, m, batch_size=8, tol=1e-10
+                loss_fn,
+                example_loss,
+                params,
+                xs,
+                ys,
+                damping,
+                m,
+                batch_size=8,
+                tol=1e-10,
+                maxiter=200,
             )
         )
         full, masked = tic(ones), tic(mask)

@@ -53,8 +53,11 @@ def test_expected_loss_equals_enumeration_and_decompositions():
         dec = jax.jit(jax.vmap(linear.pft_decomposition))(X, y, w, p)
         np.testing.assert_allclose(dec.total, exact, rtol=1e-10)
         Xn, wn, pn = np.asarray(X), np.asarray(w), np.asarray(p)
-        np.testing.assert_allclose(dec.l1 - dec.diag_quad,
-                                   np.sum(np.mean(Xn * Xn, 1) * wn * wn * pn * (1 - pn), 1), rtol=1e-10)
+        np.testing.assert_allclose(
+            dec.l1 - dec.diag_quad,
+            np.sum(np.mean(Xn * Xn, 1) * wn * wn * pn * (1 - pn), 1),
+            rtol=1e-10,
+        )
         # Dropout (inverted, keep prob q): enumeration of m * w / q with p = q everywhere.
         q = 0.7
         drop = jax.jit(jax.vmap(linear.dropout_decomposition, (0, 0, 0, None)))(X, y, w, q)
@@ -78,33 +81,44 @@ def test_gradients_closed_form_autodiff_finite_differences():
         X, y, w, p = (jnp.asarray(v) for v in _problem(2))
         s = jnp.log(p / (1 - p))
         g = jax.jit(linear.expected_loss_grad)(X, y, w, p)
-        np.testing.assert_allclose(g, jax.jit(jax.grad(linear.expected_loss, 3))(X, y, w, p), rtol=1e-10)
+        np.testing.assert_allclose(
+            g, jax.jit(jax.grad(linear.expected_loss, 3))(X, y, w, p), rtol=1e-10
+        )
         gs = jax.jit(linear.expected_loss_grad_logits)(X, y, w, s)
-        np.testing.assert_allclose(gs, jax.grad(linear.expected_loss_logits, 3)(X, y, w, s), rtol=1e-10)
+        np.testing.assert_allclose(
+            gs, jax.grad(linear.expected_loss_logits, 3)(X, y, w, s), rtol=1e-10
+        )
         h = 1e-6
         shifts = h * jnp.eye(D)  # central differences, all coordinates in one vmapped call
         loss_at = jax.jit(jax.vmap(linear.expected_loss, (None, None, None, 0)))
         fd = (loss_at(X, y, w, p[None] + shifts) - loss_at(X, y, w, p[None] - shifts)) / (2 * h)
         np.testing.assert_allclose(g, fd, atol=1e-7)
         # a_i does not depend on p_i: the loss is affine in each coordinate (multilinear in p).
-        np.testing.assert_allclose(jax.jit(linear.expected_loss_grad)(X, y, w, p.at[0].set(0.0))[0],
-                                   g[0], rtol=1e-10)
+        np.testing.assert_allclose(
+            jax.jit(linear.expected_loss_grad)(X, y, w, p.at[0].set(0.0))[0], g[0], rtol=1e-10
+        )
 
 
 def test_closed_form_flow_matches_numerical_flow():
     with jax.enable_x64(True):
         # Appendix A value: s(0) = 0.3, a = 0.7, eta t = 2 -> -0.0477308.
-        np.testing.assert_allclose(jax.jit(linear.flow_closed_form)(0.7, 0.3, 1.0, 2.0), -0.0477308,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            jax.jit(linear.flow_closed_form)(0.7, 0.3, 1.0, 2.0), -0.0477308, atol=1e-7
+        )
         v = jnp.array([-1e8, -50.0, -1.0, -1e-6, 0.0, 1e-6, 3.0, 1e4])
         roundtrip = jax.jit(lambda v: linear.flow_potential(linear.flow_potential_inverse(v)))
         np.testing.assert_allclose(roundtrip(v), v, rtol=1e-12, atol=1e-15)
         X, y, w, _ = _instances(3, 3, orthogonal=True)
         s0 = jnp.linspace(-1.0, 1.0, D)
-        flow = jax.jit(jax.vmap(functools.partial(linear.logit_flow, num_steps=400),
-                                (0, 0, 0, None, None, None)))
+        flow = jax.jit(
+            jax.vmap(
+                functools.partial(linear.logit_flow, num_steps=400), (0, 0, 0, None, None, None)
+            )
+        )
         numeric = flow(X, y, w, s0, 0.5, 4.0)[:, -1]
-        closed = jax.jit(jax.vmap(linear.orthogonal_flow, (0, 0, 0, None, None, None)))(X, y, w, s0, 0.5, 4.0)
+        closed = jax.jit(jax.vmap(linear.orthogonal_flow, (0, 0, 0, None, None, None)))(
+            X, y, w, s0, 0.5, 4.0
+        )
         np.testing.assert_allclose(numeric, closed, atol=1e-8)
 
 
@@ -118,27 +132,39 @@ def test_keep_rules_against_brute_force_over_vertices():
         chex.assert_trees_all_equal(keep, best(X, y, w))
         chex.assert_trees_all_equal(coord(X, y, w), best(X, y, w))
         # Projected GD on p and the long logit flow both end at that vertex.
-        pgd = jax.jit(jax.vmap(functools.partial(linear.projected_gd, num_steps=300), (0, 0, 0, None, None)))
+        pgd = jax.jit(
+            jax.vmap(functools.partial(linear.projected_gd, num_steps=300), (0, 0, 0, None, None))
+        )
         p_end = pgd(X, y, w, jnp.full((D,), 0.5), 0.5)[:, -1]
         a = jax.jit(jax.vmap(linear.orthogonal_drift))(X, y, w)
         done = jnp.abs(a) * 0.5 * 300 > 0.5  # reachable in 300 steps of lr 0.5 from p = 0.5
         assert float(jnp.mean(done)) > 0.9
         np.testing.assert_array_equal(jnp.where(done, p_end, keep), keep.astype(p_end.dtype))
         np.testing.assert_array_equal(p_end > 0.5, keep)  # the rest moved the right way
-        s_end = jax.jit(jax.vmap(linear.orthogonal_flow, (0, 0, 0, None, None, None)))(X, y, w, 0.0, 1.0, 1e3)
+        s_end = jax.jit(jax.vmap(linear.orthogonal_flow, (0, 0, 0, None, None, None)))(
+            X, y, w, 0.0, 1.0, 1e3
+        )
         chex.assert_trees_all_equal(s_end > 0, keep)
-        # Correlated design: the brute-force minimiser is a fixed point of the partial-residual rule,
+        # Correlated design: the brute-force minimiser is a fixed point of the partial-residual
+        # rule,
         # and the coordinate-wise rule ends at a vertex no single flip improves.
         X, y, w, _ = _instances(5, 16, rho=0.6)
         m_best = best(X, y, w)
-        chex.assert_trees_all_equal(jax.jit(jax.vmap(linear.coordinate_keep_rule))(X, y, w, m_best), m_best)
+        chex.assert_trees_all_equal(
+            jax.jit(jax.vmap(linear.coordinate_keep_rule))(X, y, w, m_best), m_best
+        )
         m = np.asarray(coord(X, y, w), np.float64)
         Xn, yn, wn = (np.asarray(v) for v in (X, y, w))
-        loss = lambda m: np.mean(np.square(yn - np.einsum("bnd,bd->bn", Xn, m * wn)), axis=1)
+
+        def loss(m):
+            return np.mean(np.square(yn - np.einsum("bnd,bd->bn", Xn, m * wn)), axis=1)
+
         base = loss(m)
         flips = m[:, None, :] != np.eye(D, dtype=bool)[None]  # all single flips
-        assert np.all(np.stack([loss(flips[:, i].astype(np.float64)) for i in range(D)], 1)
-                      >= base[:, None] - 1e-12)
+        assert np.all(
+            np.stack([loss(flips[:, i].astype(np.float64)) for i in range(D)], 1)
+            >= base[:, None] - 1e-12
+        )
         brute = jax.jit(jax.vmap(lambda X, y, w: jnp.min(linear.vertex_losses(X, y, w))))(X, y, w)
         assert np.all(base >= brute - 1e-12)
 
@@ -175,12 +201,14 @@ def test_pac_bayes_certificate():
         Xp, yp, _, _ = (jnp.asarray(v) for v in _problem(10, n=200, orthogonal=True))
         fk = jax.jit(linear.flow_kl)(X, y, Xp, yp, w, 0.0, 1.0, 1.0)
         cert = jax.jit(linear.pac_bayes_certificate, static_argnames=("delta", "loss_clip"))(
-            X, y, w, fk.s_posterior, fk.bound, delta=0.05, loss_clip=50.0)
+            X, y, w, fk.s_posterior, fk.bound, delta=0.05, loss_clip=50.0
+        )
         n = 200
         rhs = (fk.bound + np.log(2 * np.sqrt(n) / 0.05)) / n
         assert 0 < cert.risk_upper < cert.bound < 1
-        np.testing.assert_allclose(jax.jit(linear._kl_bernoulli_scalar)(cert.risk_upper, cert.bound), rhs,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(linear._kl_bernoulli_scalar)(cert.risk_upper, cert.bound), rhs, rtol=1e-6
+        )
 
 
 def test_vmap_matches_single_instances():
@@ -220,8 +248,17 @@ def test_experiment_quick_preset_writes_files(tmp_path):
     c = linear_theory.get_config()
     c.quick = True
     out = linear_theory.run(c, str(tmp_path))
-    for name in ["config.json", "metrics.jsonl", "metrics.csv", "table.md", "plotted.json",
-                 "trajectories.png", "decomposition.png", "kl_bound.png", "keep_rule.png"]:
+    for name in [
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "table.md",
+        "plotted.json",
+        "trajectories.png",
+        "decomposition.png",
+        "kl_bound.png",
+        "keep_rule.png",
+    ]:
         assert os.path.exists(tmp_path / name), name
     with open(tmp_path / "plotted.json") as f:
         plotted = json.load(f)

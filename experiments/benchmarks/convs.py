@@ -1,0 +1,133 @@
+"""Conv implementations x seed strategies on CIFAR-shaped batches; VGG11-BN fast layers vs plain flax.
+
+  python -m experiments.benchmarks.convs                                   # ~10 min on 2 busy cores
+  python -m experiments.benchmarks.convs --models=small_cnn --seeds=4 --impls=xla,shifts --vgg=false
+
+For each model, conv_impl and S: seed-steps/s of `map_seeds(train_epoch, ..., "vmap")` and of
+"sequential" (one compiled single-seed program called S times), masked Adam steps (50% random mask) on
+synthetic 32x32x3 batches. Every ratio is measured side by side in this one process; each
+configuration is timed `repeats` times (best reported, spread printed, since the machine is shared).
+The VGG11-BN row compares conv_impl="xla", pool_impl="xla" (exactly nn.Conv + nn.max_pool) with the
+defaults (im2col on <= 2x2 maps, reshape-max pool) and with conv_impl="shifts".
+Not a test: numbers depend on the machine (printed in the header).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxprune import masks, models, pruners, train
+
+_MODELS = flags.DEFINE_list("models", ["small_cnn", "resnet20"], "Conv models (jaxprune.models).")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "shifts"], "conv_impl values to compare.")
+_SEEDS = flags.DEFINE_list("seeds", ["4", "8"], "Numbers of seeds S.")
+_STEPS = flags.DEFINE_integer("steps", 1, "Steps per call (one jitted lax.scan).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_VGG = flags.DEFINE_bool("vgg", True, "Also time one VGG11-BN step: plain flax layers vs fast.")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"jax {jax.__version__}, {jax.default_backend()}, {jax.device_count()} device(s), {cpu}, "
+            f"{os.cpu_count()} cores, load {load:.1f}")
+
+
+def setup(name: str, num_seeds: int, batch: int, **model_kwargs):
+    """(epoch_fn(strategy), states, x, y, keys): masked S-seed training on synthetic CIFAR batches."""
+    model = models.get_model(name, num_classes=10, **model_kwargs)
+    cfg = train.TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=batch)
+    tx = train.make_optimizer(cfg)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2 * batch, 32, 32, 3)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, size=(2 * batch,)).astype(np.int32))
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        s = train.init_state(k1, model, x[:1], tx)
+        m = pruners.random_uniform(k2, s.params, 0.5, masks.prunable_tree(s.params))
+        return train.state_from_params(k1, s.params, s.batch_stats, tx, m)
+
+    states = train.map_seeds(init, (0,), "vmap")(train.seed_keys(0, num_seeds))
+    return model, tx, states, x, y, train.seed_keys(1, num_seeds)
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    jax.block_until_ready(fn())  # compile + warm up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def spread(ts: list[float]) -> str:
+    return f"{100 * (max(ts) - min(ts)) / min(ts):.0f}%"
+
+
+def bench_seeds(name: str, impl: str, s: int, steps: int, repeats: int, batch: int) -> dict:
+    model, tx, states, x, y, keys = setup(name, s, batch, conv_impl=impl)
+    epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch, steps=steps)
+    fns = {k: train.map_seeds(epoch, (0, None, None, 0), k) for k in ("vmap", "sequential")}
+    for f in fns.values():  # compile both before timing either
+        jax.block_until_ready(f(states, x, y, keys))
+    # Interleave the strategies so load changes hit both alike.
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(states, x, y, keys))
+            ts[k].append(time.perf_counter() - t0)
+    return {k: (s * steps / min(v), spread(v)) for k, v in ts.items()}
+
+
+def bench_vgg(repeats: int, batch: int) -> dict:
+    out = {}
+    variants = {"plain flax (xla conv + nn.max_pool)": dict(conv_impl="xla", pool_impl="xla"),
+                "default (auto + reshape pool)": {}, "shifts + reshape pool": dict(conv_impl="shifts")}
+    for label, kw in variants.items():
+        model, tx, states, x, y, keys = setup("vgg11_bn", 1, batch, **kw)
+        epoch = jax.jit(functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch,
+                                          steps=1))
+        one = jax.tree.map(lambda v: v[0], states)
+        out[label] = time_calls(lambda: epoch(one, x, y, keys[0]), repeats)
+    return out
+
+
+def main(argv):
+    del argv
+    print(f"# conv benchmark: {machine()}, batch {_BATCH.value}, steps/call {_STEPS.value}", flush=True)
+    print("| model | conv_impl | S | sequential (seed-steps/s) | vmap | vmap / sequential | spread seq, vmap |")
+    print("|---|---|---|---|---|---|---|")
+    for name in _MODELS.value:
+        for s in map(int, _SEEDS.value):
+            for impl in _IMPLS.value:
+                r = bench_seeds(name, impl, s, _STEPS.value, _REPEATS.value, _BATCH.value)
+                (seq, ds), (vm, dv) = r["sequential"], r["vmap"]
+                print(f"| {name} | {impl} | {s} | {seq:.2f} | {vm:.2f} | {vm / seq:.2f} | {ds}, {dv} |",
+                      flush=True)
+    if _VGG.value:
+        r = bench_vgg(_REPEATS.value, _BATCH.value)
+        base = min(next(iter(r.values())))
+        print("\n| VGG11-BN, 1 seed | ms/step (best) | spread | speedup vs plain flax |\n|---|---|---|---|")
+        for label, ts in r.items():
+            print(f"| {label} | {1e3 * min(ts):.0f} | {spread(ts)} | {base / min(ts):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

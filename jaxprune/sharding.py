@@ -1,0 +1,144 @@
+"""Seeds (and optionally batches) sharded over devices and hosts with `jax.sharding`.
+
+Many-seed training is `jit(vmap(fn))` over a leading seed axis S (train.map_seeds). Sharding that axis
+over a 1-D device mesh ("seeds") splits the S seeds into d = #devices groups of S/d, one per device;
+each device runs the same vmapped program on its group, with no communication (seeds are
+independent), so results equal the single-device run up to float reassociation (in practice bitwise
+on CPU). Arguments without a seed axis (data, config arrays) are replicated.
+
+A 2-D mesh ("seeds", "batch") also splits each seed's batch over devices (data parallelism inside a
+seed: XLA inserts the all-reduce of the gradient); use it when S < #devices.
+
+Multi-host: call `initialize_from_env()` first on every process (it wraps `jax.distributed.initialize`),
+run the same program everywhere; `jax.devices()` then lists every host's devices and the mesh spans
+them. Host-side inputs must be the same on every process (they are: keys come from one integer seed),
+and `to_host` gathers sharded outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+
+SEEDS = "seeds"
+BATCH = "batch"
+
+
+def initialize_from_env() -> bool:
+    """Starts JAX's multi-host runtime if the environment describes a cluster; True if started.
+
+    * JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID: explicit.
+    * SLURM (SLURM_JOB_ID with SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE > 1): JAX detects
+      coordinator, process count and id itself (`jax.distributed.initialize()` without arguments).
+    * Otherwise (one process): does nothing. Call before any other JAX call.
+    """
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in env]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def seed_mesh(num_seeds: int | None = None, batch_shards: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("seeds", "batch") mesh of shape (d_s, batch_shards) over `devices` (default: all).
+
+    With `num_seeds`, d_s is the largest count with d_s * batch_shards <= #devices dividing num_seeds,
+    so any S works (S = 6 on 4 devices uses 3 of them, two seeds each); otherwise all devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if batch_shards < 1 or len(devices) % batch_shards:
+        raise ValueError(f"batch_shards={batch_shards} must divide the {len(devices)} devices")
+    d = len(devices) // batch_shards
+    if num_seeds is not None:
+        if num_seeds < 1:
+            raise ValueError(f"num_seeds={num_seeds} must be >= 1")
+        d = max(k for k in range(1, d + 1) if num_seeds % k == 0)
+    grid = np.asarray(devices[: d * batch_shards], dtype=object).reshape(d, batch_shards)
+    return Mesh(grid, (SEEDS, BATCH))
+
+
+def _put(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+        return leaf
+    if jax.process_count() == 1:
+        return jax.device_put(leaf, sharding)
+    # Multi-host: every process holds the same full host value; each fills its own shards.
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding))
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def shard_seeds(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf with its leading (seed) axis split over the mesh's "seeds" axis."""
+    return jax.tree.map(lambda v: _put(v, NamedSharding(mesh, P(SEEDS))), tree)
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf whole on every device of the mesh."""
+    return jax.tree.map(lambda v: _put(v, NamedSharding(mesh, P())), tree)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """numpy copies of (possibly multi-host) sharded arrays, gathered on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def _num_seeds(args: Sequence[Any], in_axes: Sequence[int | None]) -> int:
+    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+    if not mapped:
+        raise ValueError("map_seeds_sharded needs at least one argument with in_axes 0")
+    return int(jax.tree.leaves(mapped)[0].shape[0])
+
+
+def map_seeds_sharded(
+    fn: Callable[..., Any],
+    in_axes: Sequence[int | None],
+    batch_shards: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[..., Any]:
+    """`jit(vmap(fn))` with the seed axis of in_axes-0 arguments (and all outputs) sharded.
+
+    Arguments with in_axes None are replicated. With `batch_shards` > 1, set batch shardings inside
+    `fn` yourself (e.g. `jax.lax.with_sharding_constraint(x, P(None, BATCH))`); by default the second
+    mesh axis has size 1. Compiles once per mesh (i.e. per S modulo the device count).
+    """
+    in_axes = tuple(in_axes)
+    if any(ax not in (0, None) for ax in in_axes):
+        raise ValueError(f"in_axes must be 0 or None, got {in_axes}")
+    compiled: dict[int, Callable[..., Any]] = {}
+
+    def run(*args: Any) -> Any:
+        if len(args) != len(in_axes):
+            raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
+        mesh = seed_mesh(_num_seeds(args, in_axes), batch_shards, devices)
+        placed = [shard_seeds(a, mesh) if ax == 0 else replicate(a, mesh) for a, ax in zip(args, in_axes)]
+        n = mesh.shape[SEEDS]
+        if n not in compiled:
+            compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes),
+                                  out_shardings=NamedSharding(mesh, P(SEEDS)))
+        return compiled[n](*placed)
+
+    return run

@@ -1,0 +1,93 @@
+"""Seeds sharded over 4 fake CPU devices give the single-device numbers (run in a subprocess, since
+XLA_FLAGS must be set before jax starts and this pytest process has already imported jax)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxprune import sharding, train
+
+SCRIPT = r"""
+import functools, json
+import jax, jax.numpy as jnp, numpy as np
+from jaxprune import models, sharding, train
+
+assert jax.device_count() == 4, jax.devices()
+# SGD: Adam's g / sqrt(v) would amplify float reassociation of near-zero gradients.
+tx = train.make_optimizer(train.TrainConfig(optimizer="sgd", learning_rate=0.1))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(32, 8, 8, 3)), jnp.float32)
+y = jnp.asarray(rng.integers(0, 10, size=32), jnp.int32)
+out = {"strategy": train.default_strategy("small_cnn")}
+CASES = {4: models.get_model("small_cnn", 10, channels=(4, 4, 8, 8), dense=16, batch_norm=True,
+                             conv_impl="shifts"),
+         6: models.get_model("mlp", 10, widths=(8,))}  # S = 6 on 4 devices: a 3-device mesh
+for s, model in CASES.items():
+    # Params from numpy: compiling model.init (threefry) is slow on CPU; values do not matter.
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+    leaf = lambda v: jnp.asarray(0.3 * rng.normal(size=(s, *v.shape)), jnp.float32)
+    params = jax.tree.map(leaf, abstract["params"])
+    bs = jax.tree.map(lambda v: jnp.zeros((s, *v.shape)), abstract.get("batch_stats", {}))
+    states = jax.vmap(functools.partial(train.state_from_params, tx=tx))(
+        train.seed_keys(0, s), params, bs)
+    epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=8, steps=2)
+    keys = train.seed_keys(1, s)
+    ref, m_ref = train.map_seeds(epoch, (0, None, None, 0), "vmap")(states, x, y, keys)
+    got, m_got = train.map_seeds(epoch, (0, None, None, 0), "sharded")(states, x, y, keys)
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+               for a, b in zip(jax.tree.leaves((ref, m_ref)), jax.tree.leaves((got, m_got))))
+    devices = len(got.params["head"]["kernel"].sharding.device_set)
+    out[s] = {"diff": diff, "devices": devices, "loss": np.asarray(m_got["loss"]).tolist(),
+              "ref_devices": len(ref.params["head"]["kernel"].sharding.device_set)}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_sharded_seeds_equal_single_device() -> None:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+    assert out["strategy"] == "sharded"  # automatic with more than one device
+    for s, devices in (("4", 4), ("6", 3)):  # S = 6 on 4 devices: 3 devices, 2 seeds each
+        assert out[s]["devices"] == devices
+        assert out[s]["ref_devices"] == 1
+        assert out[s]["diff"] <= 1e-4, out[s]  # float reassociation across device groups
+        assert len(out[s]["loss"]) == int(s)
+
+
+def test_seed_mesh_and_errors_on_one_device() -> None:
+    mesh = sharding.seed_mesh(num_seeds=3)
+    assert dict(mesh.shape) == {sharding.SEEDS: 1, sharding.BATCH: 1}
+    with pytest.raises(ValueError, match="batch_shards"):
+        sharding.seed_mesh(batch_shards=3 * jax.device_count() + 1)
+    with pytest.raises(ValueError, match="num_seeds"):
+        sharding.seed_mesh(num_seeds=0)
+    with pytest.raises(ValueError, match="in_axes"):
+        sharding.map_seeds_sharded(lambda a: a, (1,))
+    with pytest.raises(ValueError, match="seed strategy"):
+        train.resolve_strategy("pmap", "mlp")
+    # One device: sharded == vmap, numbers identical.
+    f = lambda a, b: (a * b).sum()  # noqa: E731
+    a = jax.numpy.arange(6.0).reshape(3, 2)
+    b = jax.numpy.arange(2.0)
+    assert sharding.map_seeds_sharded(f, (0, None))(a, b).tolist() == [1.0, 3.0, 5.0]
+
+
+def test_initialize_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    assert sharding.initialize_from_env() is False  # single process: nothing to start
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        sharding.initialize_from_env()
