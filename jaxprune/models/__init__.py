@@ -16,6 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxprune import masks
+
 from jaxprune.models.cnn import Conv1DNet, SmallCNN
 from jaxprune.models.layers import CONV_IMPLS, POOL_IMPLS, Conv, ConvUnit, max_pool
 from jaxprune.models.mlp import MLP
@@ -43,15 +45,6 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def _get(tree: PyTree, path: tuple[str, ...]) -> PyTree:
-    node = tree
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            raise ValueError(f"param path {'/'.join(path)!r} not found (missing {p!r})")
-        node = node[p]
-    return node
-
-
 def conv_units(model: nn.Module, params: PyTree) -> list[ConvUnit]:
     """Every prunable conv of `model` in forward order, checked against `params`.
 
@@ -65,12 +58,12 @@ def conv_units(model: nn.Module, params: PyTree) -> list[ConvUnit]:
         params = params["params"]
     units = model.conv_unit_list()
     for u in units:
-        kernel = _get(params, u.kernel_path)
+        kernel = masks.get_path(params, u.kernel_path)
         if getattr(kernel, "ndim", 0) < 3:
             raise ValueError(f"{'/'.join(u.kernel_path)} is not a conv kernel: {kernel!r}")
         out = kernel.shape[-1]
         for path in ([u.bn_path] if u.bn_path else []) + list(u.shortcut_paths):
-            node = _get(params, path)
+            node = masks.get_path(params, path)
             leaves = node.values() if isinstance(node, Mapping) else [node]
             for leaf in leaves:
                 if leaf.shape[-1] != out:
