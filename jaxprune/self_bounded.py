@@ -332,6 +332,38 @@ def sampled_errors(
     return jax.lax.map(one, jax.random.split(key, num_networks), batch_size=networks_per_batch)
 
 
+def per_example_errors(
+    key: jax.Array, post: Posterior, x: jax.Array, y: jax.Array, *, model: nn.Module,
+    prunable: PyTree, variant: str, repeats: int = 1, batch_size: int = 256,
+) -> jax.Array:
+    """(R, n) 0-1 losses 1[h_ri(x_i) != y_i], a FRESH network h_ri ~ Q for every example and repeat.
+
+    The R n losses are independent Bernoullis whose mean is the Gibbs empirical risk
+    R̂_S(Q) = (1/n) Σ_i E_{h~Q} 1[h(x_i) != y_i], so the kl-Chernoff bound (Hoeffding 1963, Thm 1,
+    which allows different means) gives kl(mean || R̂_S(Q)) <= log(2/δ')/(R n) w.p. 1 - δ': the
+    Monte Carlo term of `pac_bayes.certificate` with M = R n samples, for the cost of R networks on S
+    (vs M networks on all of S in Dziugaite & Roy's `sampled_errors`). Each example is a
+    batch-of-one forward pass with its own weights (vmapped in chunks of `batch_size`): cheap for
+    MLPs, slow for convolutions on XLA CPU.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples, y has {y.shape[0]}")
+    n = x.shape[0]
+
+    def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        k, xi, yi = args
+        mask, w = sample_network(k, post, prunable, variant)
+        logits, _ = train.forward(model, w, {}, mask, xi[None], train=False)
+        return (jnp.argmax(logits[0], -1) != yi).astype(jnp.float32)
+
+    def rep(k: jax.Array) -> jax.Array:
+        return jax.lax.map(one, (jax.random.split(k, n), x, y), batch_size=min(batch_size, n))
+
+    return jax.lax.map(rep, jax.random.split(key, repeats))
+
+
 def threshold_mask(post: Posterior, prunable: PyTree) -> PyTree:
     """The deterministic network's mask 1[σ(s) > 1/2] (its weights are the posterior mean)."""
     return masks.threshold(masks.logits_to_probs(post.mask_logits), prunable)

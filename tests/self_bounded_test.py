@@ -2,6 +2,7 @@
 vmap-over-seeds equivalence, and the quick experiment end to end."""
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -172,3 +173,49 @@ def test_quick_experiment_writes_files(tmp_path):
     for s in range(2):
         assert r["mc_risk"][s] <= r["mc_risk_upper"][s] <= r["certificate"][s] <= 1.0
         assert 0.0 <= r["stochastic_test_error"][s] <= 1.0 and r["kl"][s] >= 0.0
+
+
+def test_per_example_mc_matches_exact_gibbs_risk_by_enumeration():
+    """Gibbs empirical risk of a 2-2-2 MLP under Bernoulli masks, exactly over all 2^8 masks; both MC
+    schemes (M networks on all of S, and a fresh network per example) agree with it within 4 SE."""
+    model = models.get_model("mlp", 2, widths=(2,))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(32, 2)).astype(np.float32))
+    y = jnp.asarray((rng.normal(size=32) > 0).astype(np.int32))
+    params, _ = train.init_variables(jax.random.key(3), model, x[:1])
+    prunable = masks.prunable_tree(params)
+    logits = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32), params)
+    prior = sb.make_prior(params, logits, prunable, 1e-3, math.log(0.1))
+    post = sb.init_posterior(prior)
+    probs = masks.logits_to_probs(post.mask_logits)
+    flat, treedef = jax.tree.flatten(prunable)
+    kernels = [i for i, f in enumerate(flat) if f]
+    p_leaves = jax.tree.leaves(probs)
+    sizes = [p_leaves[i].size for i in kernels]
+    assert sum(sizes) == 8
+    err_fn = jax.jit(lambda m: train.error_rate(train.predict(model, post.mean, {}, m, x), y))
+    exact = 0.0
+    for bits in itertools.product((0.0, 1.0), repeat=8):
+        b, leaves, prob = np.asarray(bits, np.float32), [jnp.ones_like(p) for p in p_leaves], 1.0
+        for i, off in zip(kernels, np.cumsum([0] + sizes[:-1])):
+            m = b[off: off + p_leaves[i].size].reshape(p_leaves[i].shape)
+            leaves[i] = jnp.asarray(m)
+            pi = np.asarray(p_leaves[i], np.float64)
+            prob *= float(np.prod(np.where(m == 1, pi, 1 - pi)))
+        exact += prob * float(err_fn(jax.tree.unflatten(treedef, leaves)))
+    kw = dict(model=model, prunable=prunable, variant="mask")
+    per_ex = np.asarray(jax.jit(functools.partial(sb.per_example_errors, repeats=300, **kw))(
+        jax.random.key(0), post, x, y))
+    assert per_ex.shape == (300, 32) and set(np.unique(per_ex)) <= {0.0, 1.0}
+    se = math.sqrt(exact * (1 - exact) / per_ex.size)
+    assert abs(per_ex.mean() - exact) < 4 * se, (per_ex.mean(), exact, se)
+    nets = np.asarray(jax.jit(functools.partial(sb.sampled_errors, num_networks=300, **kw))(
+        jax.random.key(1), post, x, y))
+    assert abs(nets.mean() - exact) < 4 * nets.std() / math.sqrt(nets.size) + 1e-6
+    # A deterministic posterior (p = 1) reproduces the network's per-example errors exactly.
+    det = post._replace(mask_logits=jax.tree.map(lambda s: jnp.full_like(s, 50.0), post.mask_logits))
+    per_det = np.asarray(sb.per_example_errors(jax.random.key(2), det, x, y, **kw))
+    logits_det, _ = train.forward(model, post.mean, {}, None, x, train=False)
+    np.testing.assert_array_equal(per_det[0], np.asarray(jnp.argmax(logits_det, -1) != y, np.float32))
+    with pytest.raises(ValueError, match="repeats"):
+        sb.per_example_errors(jax.random.key(2), det, x, y, repeats=0, **kw)

@@ -81,6 +81,35 @@ def test_resnet20_projection_shortcut_masked(key):
     assert np.abs(out[..., ~dead]).max() > 0.0
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_resnet20_identity_shortcuts_masked_with_gate(key, shortcut):
+    """mask_shortcut=True: a pruned conv2 channel of an identity-shortcut block (stage1_block2) and of
+    a downsampling block (A: zero-pad, B: projection) is exactly 0 after the add and ReLU."""
+    model = models.get_model("resnet20", 10, shortcut=shortcut, width=0.5, mask_shortcut=True)
+    x = jax.random.normal(key, (2, 8, 8, 3))
+    variables = model.init(key, x)
+    params = _perturbed_bn(variables["params"], key)
+    units = {v.name: v for v in models.conv_units(model, params)}
+    chans = {"stage1_block2_conv2": jnp.ones((8,)).at[jnp.array([1, 6])].set(0.0),
+             "stage2_block1_conv2": jnp.ones((16,)).at[jnp.array([0, 3, 5, 15])].set(0.0)}
+    mask = masks.channel_to_param_mask(params, chans, list(units.values()))
+    inter = _intermediates(model, masks.apply(params, mask), variables["batch_stats"], x, False)
+    for name, c in chans.items():
+        out = np.asarray(inter[name[: -len("_conv2")]]["__call__"][0])
+        dead = np.asarray(c) == 0
+        assert np.all(out[..., dead] == 0.0), name
+        assert np.abs(out[..., ~dead]).max() > 0.0
+    # Without the gate the identity shortcut leaks through the pruned channels.
+    plain = models.get_model("resnet20", 10, shortcut=shortcut, width=0.5)
+    pparams = {k: ({n: w for n, w in v.items() if n != "shortcut_gate"} if isinstance(v, dict) else v)
+               for k, v in params.items()}
+    pu = models.conv_units(plain, pparams)
+    pmask = masks.channel_to_param_mask(pparams, chans, pu)
+    inter = _intermediates(plain, masks.apply(pparams, pmask), variables["batch_stats"], x, False)
+    out = np.asarray(inter["stage1_block2"]["__call__"][0])
+    assert np.abs(out[..., np.asarray(chans["stage1_block2_conv2"]) == 0]).max() > 0.0
+
+
 def test_zeroing_window_restores_bit_for_bit(key):
     model = models.get_model("small_cnn", 10, channels=(2, 4), dense=4, batch_norm=True)
     x = jnp.ones((1, 4, 4, 1))

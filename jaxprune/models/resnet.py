@@ -4,8 +4,13 @@ Block (He et al. 2016, eq. 1): y = relu(BN2(conv2(relu(BN1(conv1(x))))) + s(x)),
 is the identity when shapes agree and otherwise
   * "A": s(x) = zero-pad channels of x[:, ::2, ::2] (no params; ResNet20/56 of the paper), or
   * "B": s(x) = BN(conv1x1_stride(x)) (projection; ResNet18), params `shortcut_conv`, `shortcut_bn`.
-Structured masks of a block's conv2 also mask a "B" projection (ConvUnit.shortcut_paths); identity and
-"A" shortcuts have no params, so a pruned conv2 channel still carries the shortcut's signal there.
+Structured masks of a block's conv2 also mask a "B" projection (ConvUnit.shortcut_paths). Identity and
+"A" shortcuts have no params, so by default a pruned conv2 channel still carries the shortcut's signal.
+With `mask_shortcut=True` every block gets a param `shortcut_gate` (ones, C) and computes
+y = relu(BN2(conv2(.)) + 1[g != 0] * s(x)): the gate is listed in conv2's `shortcut_paths`, so
+`masks.channel_to_param_mask` zeroes it with the channel and the shortcut is then added only on kept
+channels, as in Bartoldson et al.'s code (`out[:, mask] += shortcut(x)[:, mask]`). 1[g != 0] has no
+gradient, so g stays 1 under any optimiser without weight decay (and never reaches exactly 0 with it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class BasicBlock(nn.Module):
     strides: int = 1
     shortcut: str = "B"
     conv_impl: str = "auto"
+    mask_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -46,6 +52,9 @@ class BasicBlock(nn.Module):
                 x = x[:, :: self.strides, :: self.strides, :]
                 extra = self.features - x.shape[-1]
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        if self.mask_shortcut:
+            gate = self.param("shortcut_gate", nn.initializers.ones, (self.features,))
+            x = x * (gate != 0).astype(x.dtype)[None, None, None, :]
         return nn.relu(y + x)
 
 
@@ -64,6 +73,7 @@ class ResNet(nn.Module):
     shortcut: str = "A"
     width: float = 1.0
     conv_impl: str = "auto"
+    mask_shortcut: bool = False  # gate every shortcut by conv2's channel mask (module docstring)
 
     @nn.nowrap
     def _w(self, c: int) -> int:
@@ -91,7 +101,8 @@ class ResNet(nn.Module):
                  kernel_init=he_fan_out, impl=self.conv_impl, name="stem_conv")(x)
         x = nn.relu(batch_norm(train, "stem_bn")(x))
         for name, c, stride, _ in self._blocks():
-            x = BasicBlock(c, stride, self.shortcut, self.conv_impl, name=name)(x, train)
+            x = BasicBlock(c, stride, self.shortcut, self.conv_impl, self.mask_shortcut,
+                           name=name)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
 
@@ -101,6 +112,7 @@ class ResNet(nn.Module):
         for name, _, _, proj in self._blocks():
             units.append(ConvUnit(f"{name}_conv1", (name, "conv1", "kernel"), (name, "bn1")))
             sc = ((name, "shortcut_conv", "kernel"), (name, "shortcut_bn")) if proj else ()
+            sc += ((name, "shortcut_gate"),) if self.mask_shortcut else ()
             units.append(ConvUnit(f"{name}_conv2", (name, "conv2", "kernel"), (name, "bn2"), sc))
         return units
 
