@@ -19,6 +19,29 @@ from jaxprune import data as data_lib
 from jaxprune import models, stats
 
 
+def init_devices(verbose: bool = True) -> dict[str, Any]:
+    """Starts JAX's multi-host runtime if the environment asks for it; returns the device layout.
+
+    Call first in every experiment's `main`, before any JAX computation. It runs
+    `jaxprune.sharding.initialize_from_env()` (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+    JAX_PROCESS_ID, or SLURM / Open MPI with more than one task; nothing for one process), so the
+    same command uses one device, all devices of a host, or all hosts: with several devices,
+    seed_strategy="auto" resolves to "sharded" (seeds split over every device, jaxprune.sharding).
+    Safe to call twice.
+    """
+    from jaxprune import sharding
+
+    started = jax.distributed.is_initialized() or sharding.initialize_from_env()
+    info = {"distributed": bool(started), "process_index": jax.process_index(),
+            "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(), "platform": jax.default_backend()}
+    if verbose:
+        print(f"# devices: {info['device_count']} {info['platform']} "
+              f"({info['local_device_count']} local), process {info['process_index']} of "
+              f"{info['process_count']}", flush=True)
+    return info
+
+
 def setup_workdir(config: config_dict.ConfigDict, workdir: str) -> str:
     """Creates `workdir` and writes the resolved config as config.json."""
     from absl import logging

@@ -2,13 +2,15 @@
 
   python -m experiments.noise_injection --workdir=workdirs/noise_injection     # CPU default
   python -m experiments.noise_injection --config.conditions=none,prune,zero:1,restore:16
+  python -m experiments.noise_injection --config.preset=cpu_overfit   # stability.py's overfit regime
 
 Same model, data and Prune_L schedule (high rate, retrain period 4) as the CPU default of
 `experiments/stability.py`. At every scheduled event the L-targeted filters are chosen as in
 Prune_L; the conditions differ only in what happens to them:
   * `none`: no events (the no-pruning control);  `prune`: permanent Prune_L (mask kernel + BN);
-  * `zero:N`: the newly targeted filters (kernel, BN scale and bias) are zeroed before each of the
-    next N training batches, then returned AT ZERO (they keep training from zero);
+  * `zero:N`: the newly targeted filters' kernels are zeroed before each of the next N training
+    batches, then returned AT ZERO (they keep training from zero; BN scale/bias are left alone, else
+    the channel would be a dead fixed point, see gst._perturb);
   * `restore:N`: every filter targeted so far is zeroed for N batches, then RESTORED bit for bit to
     its values (and BN running statistics are kept) from before the window;
   * `gauss:N`: Gaussian noise with the std of the unperturbed filters' weights is added to the newly
@@ -40,7 +42,7 @@ from jaxprune import models, schedules, scoring, stats, train
 
 def get_config() -> config_dict.ConfigDict:
     c = stability.get_config()  # data, model, layers, train: the stability CPU default
-    del c.targets, c.periods, c.baseline, c.preset
+    del c.targets, c.periods, c.baseline  # preset: data/model/layers/train of a stability preset
     c.period = 4  # retrain period of the Prune_L schedule (the high iterative rate of stability.py)
     c.conditions = "none,prune,zero:1,zero:16,restore:16,gauss:1,gauss:16"  # see module docstring
     c.quick = False  # tests: digits, tiny CNN, 2 seeds, 4 epochs
@@ -54,6 +56,11 @@ def _quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         c.num_seeds, c.data, c.model, c.layers, c.train = q.num_seeds, q.data, q.model, q.layers, q.train
         c.period = 2
         c.conditions = "none,prune,zero:3,restore:3,gauss:3"
+    elif c.preset != "cpu":
+        base = stability.get_config()
+        base.preset, base.num_seeds = c.preset, c.num_seeds
+        q = stability._preset(base)
+        c.data, c.model, c.layers, c.train = q.data, q.model, q.layers, q.train
     return c
 
 
@@ -193,6 +200,7 @@ def _report(workdir, c, conds, S, hist, table, summary, data_name, num_runs) -> 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    common.init_devices()  # multi-host runtime if configured; several devices -> seeds sharded
     run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -3,6 +3,7 @@
   python -m experiments.pac_bayes --workdir=workdirs/pac_bayes          # digits MLP, CPU, < 10 min
   python -m experiments.pac_bayes --config.variants=mask --config.objectives=kl --config.alphas=0.5
   python -m experiments.pac_bayes --config.preset=fashion_mnist --workdir=workdirs/pb_fmnist  # GPU
+  python -m experiments.pac_bayes --config.preset=fashion_mnist_cpu --workdir=workdirs/pb_fmnist_cpu
 
 For each prior fraction α (host loop) and S seeds at once:
   1. split the training set (split_seed) into S_α and the bound set S_{1-α} (hashes recorded);
@@ -11,8 +12,9 @@ For each prior fraction α (host loop) and S seeds at once:
   3. for each variant (mask / gauss / both): minimise every objective in `objectives` from Q = P,
      one compiled program vmapped over seeds x (ε, σ_P) grid x objectives;
   4. per seed and objective keep the grid point with the lowest final objective (union bound over
-     all |alphas| x |grid| values looked at), and certify it: M networks sampled from Q, 0-1 error on
-     the bound set, pac_bayes.certificate (kl bound, δ + δ'). Also: stochastic test error (mean over
+     all |alphas| x |grid| values looked at), and certify it: M Monte Carlo 0-1 samples on the bound
+     set (default: a fresh network h ~ Q per example, mc_repeats passes, M = mc_repeats n; or
+     Dziugaite & Roy's M networks on all of it), pac_bayes.certificate (kl bound, δ + δ'). Also: stochastic test error (mean over
      sampled networks) and thresholded test error (mask 1[p > 1/2], weights μ).
 Writes config.json, results.jsonl/csv (per seed), table.md, certificates.png (certificate and test
 errors per variant and objective), alpha.png (certificate against α), and prior checkpoints.
@@ -39,7 +41,8 @@ from jaxprune import self_bounded as sb
 
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
-    c.preset = ""  # "" (digits, CPU) or "fashion_mnist" (real data, the README target; GPU)
+    c.preset = ""  # "" (digits, CPU), "fashion_mnist" (real data, LeNet-300-100; GPU) or
+    # "fashion_mnist_cpu" (real data, MLP 784-100-10, M = 2000; 2 CPU cores)
     c.seed = 0
     c.num_seeds = 2  # leading axis S of every result array
     c.split_seed = 0  # the prior/bound split (one split for all seeds; its hash is recorded)
@@ -66,9 +69,15 @@ def get_config() -> config_dict.ConfigDict:
     c.tau = 0.5  # Concrete temperature
     c.delta = 0.025  # PAC-Bayes budget (split over the grid by the union bound)
     c.delta_prime = 0.01  # Monte Carlo budget
-    c.mc_samples = 1000  # M networks for the certificate (1e4+ on GPU; the MC term dominates)
+    # Monte Carlo term of the certificate. "per_example" (default): a fresh network h ~ Q for every
+    # bound-set example, mc_repeats times: M = mc_repeats * n independent 0-1 losses for the cost of
+    # mc_repeats networks on S. "networks": Dziugaite & Roy's M = mc_samples networks on all of S.
+    c.mc_scheme = "per_example"
+    c.mc_repeats = 10
+    c.mc_samples = 1000
     c.test_samples = 32  # networks for the stochastic test error
     c.networks_per_batch = 0  # vmap this many sampled networks (GPU); 0 loops (CPU)
+    c.mc_chunk = 250  # networks per compiled call of the MC certificate (progress bar); 0 = all
     c.quick = False  # tests: digits, tiny MLP, one alpha, few steps
     return c
 
@@ -87,6 +96,7 @@ def _apply_preset(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         c.objectives = "kl"
         c.sb.update(steps=2, batch_size=32)
         c.mc_samples = 8
+        c.mc_repeats = 2
         c.test_samples = 2
     elif c.preset == "fashion_mnist":  # real data (apt dataset-fashion-mnist), LeNet-300-100
         c.data = config_dict.create(name="fashion_mnist", data_dir="", num_train=0, num_test=0,
@@ -99,8 +109,21 @@ def _apply_preset(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         c.mc_samples = 10000
         c.test_samples = 100
         c.networks_per_batch = 50
+    elif c.preset == "fashion_mnist_cpu":  # the same real data, scaled to finish on 2 CPU cores
+        c.data = config_dict.create(name="fashion_mnist", data_dir="", num_train=0, num_test=0,
+                                    num_samples=0)
+        c.model = config_dict.create(name="mlp", kwargs=config_dict.create(widths=(100,)))
+        c.train.update(epochs=10, batch_size=256)
+        c.alphas = "0.5"
+        c.variants = "mask,both"
+        c.objectives = "kl,catoni"
+        c.pft.update(steps=500, batch_size=256)
+        c.sb.update(steps=1000, batch_size=256)
+        c.mc_repeats = 2
+        c.test_samples = 20
     elif c.preset:
-        raise ValueError(f"unknown preset {c.preset!r}; known: '', 'fashion_mnist'")
+        raise ValueError(f"unknown preset {c.preset!r}; known: '', 'fashion_mnist', "
+                         "'fashion_mnist_cpu'")
     return c
 
 
@@ -188,17 +211,19 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                                                         variant), in_axes=(0, None, None, 0, 0))))
             kl_SO = np.asarray(kl_fn(posts, pst.params, pst.logits, eps_G[sel], ls_G[sel]), np.float64)
             t0 = time.perf_counter()
-            mc = jax.jit(jax.vmap(jax.vmap(functools.partial(
-                sb.sampled_errors, x=x_bound, y=y_bound, model=model, prunable=prunable, variant=variant,
-                num_networks=int(c.mc_samples), networks_per_batch=npb), in_axes=(None, 0))))
-            err_SOM = np.asarray(mc(keys["mc"], posts))
+            err_SOM = _mc_errors(c, keys["mc"], posts, x_bound, y_bound, model=model,
+                                 prunable=prunable, variant=variant, networks_per_batch=npb,
+                                 desc=f"MC certificate {variant} α={alpha}")
             mc_s = time.perf_counter() - t0
             test_fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
-                sb.sampled_errors, x=xt, y=yt, model=model, prunable=prunable, variant=variant,
-                num_networks=int(c.test_samples), networks_per_batch=npb), in_axes=(None, 0))))
-            stoch_SO = np.asarray(test_fn(keys["test"], posts).mean(-1))
-            thr_SO = np.asarray(jax.jit(jax.vmap(jax.vmap(functools.partial(
-                sb.threshold_error, x=xt, y=yt, model=model, prunable=prunable))))(posts))
+                sb.sampled_errors, model=model, prunable=prunable, variant=variant,
+                num_networks=int(c.test_samples), networks_per_batch=npb),
+                in_axes=(None, 0, None, None)), in_axes=(0, 0, None, None)))
+            stoch_SO = np.asarray(test_fn(keys["test"], posts, xt, yt).mean(-1))
+            thr_fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
+                sb.threshold_error, model=model, prunable=prunable), in_axes=(0, None, None)),
+                in_axes=(0, None, None)))
+            thr_SO = np.asarray(thr_fn(posts, xt, yt))
             dens_SO = np.asarray(jax.vmap(jax.vmap(lambda p: pft.density(p.mask_logits, prunable)))(posts))
             for o, obj in enumerate(objectives):
                 certs = []
@@ -208,7 +233,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                 cert = [x.risk_bound for x in certs]
                 rows.append({
                     "alpha": alpha, "variant": variant, "objective": obj, "n": n_bound,
-                    "m": int(c.mc_samples), "grid_size": grid_size,
+                    "m": certs[0].m, "mc_scheme": c.mc_scheme, "grid_size": grid_size,
                     "certificate": cert, **{f"certificate_{k}": v for k, v in common.summarize(cert).items()},
                     "stochastic_test_error": stoch_SO[:, o].tolist(),
                     "threshold_test_error": thr_SO[:, o].tolist(),
@@ -223,6 +248,39 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             common.write_records(workdir, "results", rows)
     _report(workdir, c, rows, time.perf_counter() - t_start)
     return {"results": rows}
+
+
+def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, y: jax.Array, *,
+               model, prunable, variant: str, networks_per_batch: int | None, desc: str) -> np.ndarray:
+    """(S, O, M) Monte Carlo samples for the certificate of every (seed, objective), with a progress
+    bar over host chunks (chunk i uses the keys fold_in(key, i), so all draws are independent).
+
+    mc_scheme "networks": M = mc_samples bound-set error rates of networks h ~ Q (Dziugaite & Roy),
+    in chunks of mc_chunk networks. "per_example": M = mc_repeats * n 0-1 losses, a fresh network
+    per example and repeat (self_bounded.per_example_errors), one chunk per repeat.
+    """
+    from tqdm.auto import tqdm
+
+    fold = jax.vmap(jax.random.fold_in, (0, None))
+    kw = dict(model=model, prunable=prunable, variant=variant)
+    # x, y are jit arguments, not closed-over constants (XLA would constant-fold the whole bound set).
+    axes = (None, 0, None, None)
+    if c.mc_scheme == "per_example":
+        fn = jax.jit(jax.vmap(jax.vmap(functools.partial(sb.per_example_errors, repeats=1, **kw),
+                                       in_axes=axes), in_axes=(0, 0, None, None)))
+        out = [np.asarray(fn(fold(keys, i), posts, x, y))[:, :, 0]
+               for i in tqdm(range(int(c.mc_repeats)), desc=desc, unit="repeat")]
+        return np.concatenate(out, axis=-1)
+    if c.mc_scheme != "networks":
+        raise ValueError(f"mc_scheme must be 'per_example' or 'networks', got {c.mc_scheme!r}")
+    num = int(c.mc_samples)
+    chunk = min(int(c.mc_chunk), num) if int(c.mc_chunk) > 0 else num
+    fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
+        sb.sampled_errors, num_networks=chunk, networks_per_batch=networks_per_batch, **kw),
+        in_axes=axes), in_axes=(0, 0, None, None)))
+    out = [np.asarray(fn(fold(keys, i), posts, x, y))
+           for i in tqdm(range(-(-num // chunk)), desc=desc, unit=f"x{chunk} nets")]
+    return np.concatenate(out, axis=-1)[..., :num]
 
 
 def _mean(v) -> float:
@@ -240,7 +298,7 @@ def _report(workdir: str, c: config_dict.ConfigDict, rows: list[dict[str, Any]],
     best = min(rows, key=lambda r: _mean(r["certificate"]))
     text = (f"# PAC-Bayes self-bounded learning: {c.data.name}, {c.model.name}, {c.num_seeds} seeds\n\n"
             f"Confidence 1 - δ - δ' = {1 - c.delta - c.delta_prime:.3f} per certificate (kl bound; K grid "
-            f"values in the union bound). Prior test error (S_α-trained dense weights): "
+            f"values in the union bound; Monte Carlo scheme {c.mc_scheme!r}, M samples). Prior test error (S_α-trained dense weights): "
             f"{100 * _mean(rows[0]['prior_test_error']):.2f} %. Wall time {seconds:.0f} s.\n\n"
             + common.markdown_table(table, list(table[0]))
             + f"\nLowest mean certificate: α={best['alpha']}, {best['variant']}, {best['objective']}: "
@@ -290,6 +348,7 @@ def _plot(workdir: str, c: config_dict.ConfigDict, rows: list[dict[str, Any]]) -
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    common.init_devices()  # multi-host runtime if configured; several devices -> seeds sharded
     run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -292,6 +292,7 @@ def _plot(workdir, c, dense, rows, estimators, est_rows) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    common.init_devices()  # multi-host runtime if configured; several devices -> seeds sharded
     run(_CONFIG.value, _WORKDIR.value)
 
 

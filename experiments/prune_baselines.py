@@ -126,6 +126,7 @@ def _report(workdir: str, c, dense: dict[str, float], rows: list[dict[str, Any]]
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    common.init_devices()  # multi-host runtime if configured; several devices -> seeds sharded
     run(_CONFIG.value, _WORKDIR.value)
 
 
