@@ -9,10 +9,14 @@ on CPU). Arguments without a seed axis (data, config arrays) are replicated.
 A 2-D mesh ("seeds", "batch") also splits each seed's batch over devices (data parallelism inside a
 seed: XLA inserts the all-reduce of the gradient); use it when S < #devices.
 
-Multi-host: call `initialize_from_env()` first on every process (it wraps `jax.distributed.initialize`),
-run the same program everywhere; `jax.devices()` then lists every host's devices and the mesh spans
-them. Host-side inputs must be the same on every process (they are: keys come from one integer seed),
-and `to_host` gathers sharded outputs.
+Multi-host: call `initialize_from_env()` first on every process (it wraps
+`jax.distributed.initialize`; experiments do it through `experiments.common.init_devices`), run the
+same program everywhere; `jax.devices()` then lists every host's devices and the mesh spans them,
+hosts interleaved so that S seeds on fewer devices still use every host. Host-side inputs must be
+the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
+replicated outputs there, so host code can read them with numpy; `to_host` gathers other sharded
+arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines quick: the
+single-process numbers); not yet on real hosts.
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ def seed_mesh(num_seeds: int | None = None, batch_shards: int = 1,
     so any S works (S = 6 on 4 devices uses 3 of them, two seeds each); otherwise all devices.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if jax.process_count() > 1:  # interleave hosts, so a prefix of the devices spans every host
+        local_rank: dict[jax.Device, int] = {}
+        per_host: dict[int, int] = {}
+        for dev in devices:
+            local_rank[dev] = per_host.get(dev.process_index, 0)
+            per_host[dev.process_index] = local_rank[dev] + 1
+        devices.sort(key=lambda dev: (local_rank[dev], dev.process_index))
     if batch_shards < 1 or len(devices) % batch_shards:
         raise ValueError(f"batch_shards={batch_shards} must divide the {len(devices)} devices")
     d = len(devices) // batch_shards
@@ -84,7 +95,8 @@ def _put(leaf: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding))
     host = np.asarray(leaf)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx],
+                                        dtype=host.dtype)
 
 
 def shard_seeds(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -121,9 +133,11 @@ def map_seeds_sharded(
 ) -> Callable[..., Any]:
     """`jit(vmap(fn))` with the seed axis of in_axes-0 arguments (and all outputs) sharded.
 
-    Arguments with in_axes None are replicated. With `batch_shards` > 1, set batch shardings inside
-    `fn` yourself (e.g. `jax.lax.with_sharding_constraint(x, P(None, BATCH))`); by default the second
-    mesh axis has size 1. Compiles once per mesh (i.e. per S modulo the device count).
+    Arguments with in_axes None are replicated. On several processes (multi-host) the outputs are
+    replicated rather than seed-sharded (one all-gather per call), so host code reads them as on one
+    host. With `batch_shards` > 1, set batch shardings inside `fn` yourself (e.g.
+    `jax.lax.with_sharding_constraint(x, P(None, BATCH))`); by default the second mesh axis has
+    size 1. Compiles once per mesh (i.e. per S modulo the device count).
     """
     in_axes = tuple(in_axes)
     if any(ax not in (0, None) for ax in in_axes):
@@ -137,8 +151,11 @@ def map_seeds_sharded(
         placed = [shard_seeds(a, mesh) if ax == 0 else replicate(a, mesh) for a, ax in zip(args, in_axes)]
         n = mesh.shape[SEEDS]
         if n not in compiled:
+            # Multi-host: outputs are gathered onto every device (one all-gather per call), so
+            # every process can read them with numpy and feed them back in.
+            out = P(SEEDS) if jax.process_count() == 1 else P()
             compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes),
-                                  out_shardings=NamedSharding(mesh, P(SEEDS)))
+                                  out_shardings=NamedSharding(mesh, out))
         return compiled[n](*placed)
 
     return run

@@ -179,6 +179,19 @@ def test_conv_matches_flax_conv(spatial, ksize, strides, padding, cin, cout, imp
     chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_conv_picks_shifts_on_cpu_and_xla_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, k = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+
+    def primitives() -> set[str]:
+        jaxpr = jax.make_jaxpr(lambda x, k: layers.conv(x, k, (1, 1), "SAME", "auto"))(x, k)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    assert jax.default_backend() == "cpu"
+    assert "conv_general_dilated" not in primitives() and "dot_general" in primitives()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rule, not a real GPU
+    assert "conv_general_dilated" in primitives()
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 2), (2, 2, 2, 4), (2, 9, 3)])
 def test_reshape_max_pool_matches_flax(shape: tuple, key) -> None:
     x = jax.random.normal(key, shape)  # continuous values: no ties, so the argmax gradient is unique

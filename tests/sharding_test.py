@@ -91,3 +91,14 @@ def test_initialize_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
         sharding.initialize_from_env()
+
+
+def test_experiments_init_devices_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import common
+
+    for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    info = common.init_devices(verbose=False)
+    assert info["distributed"] is False and info["process_count"] == 1
+    assert info["device_count"] == jax.device_count() and info["platform"] == jax.default_backend()
+    assert common.init_devices(verbose=False) == info  # safe to call twice

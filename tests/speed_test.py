@@ -53,3 +53,83 @@ def test_shifts_is_a_conv_impl() -> None:
     assert "shifts" in layers.CONV_IMPLS
     with pytest.raises(ValueError, match="conv_impl"):
         layers.check_impl("shift")
+
+
+# ----------------------------------------------------------------------------- speed benchmarks
+# Smoke tests of experiments/benchmarks/{roofline,gpu,torch_compare}.py on tiny sizes (numbers are
+# not checked, only that every path runs and the FLOP counts are right).
+
+
+def test_jaxpr_flops_counts_matmuls_and_convs_exactly() -> None:
+    from experiments.benchmarks import roofline
+
+    x = jnp.zeros((2, 6, 6, 3))
+    k = jnp.zeros((3, 3, 3, 4))
+    w = jnp.zeros((4 * 9, 5))
+
+    def f(x, k, w):  # 3x3 stride-2 SAME conv (6x6 -> 3x3), then a dense layer on the flattened map
+        y = layers.conv_xla(x, k, (2, 2), "SAME")
+        return y.reshape(2, -1) @ w
+
+    conv = 2 * (2 * 3 * 3 * 4) * (3 * 9)  # 2 x outputs x (C_in x window)
+    dense = 2 * 2 * 36 * 5
+    assert roofline.jaxpr_flops(f, x, k, w) == conv + dense
+    def scanned(x, k, w):
+        return jax.lax.scan(lambda c, _: (c, f(x, k, w)), 0.0, None, length=3)[1]
+
+    assert roofline.jaxpr_flops(scanned, x, k, w) == 3 * (conv + dense)
+
+
+@pytest.mark.usefixtures("fast_compile")
+def test_roofline_runs_on_a_tiny_mlp() -> None:
+    from experiments.benchmarks import roofline
+
+    out = roofline.run(("mlp",), batch=4, steps=1, matmul_n=64, repeats=1,
+                       model_kwargs={"mlp": {"widths": (8,)}}, verbose=False)
+    r = out["models"][0]
+    # Forward 2B(784*8 + 8*10); backward twice that, less the input gradient of the first layer.
+    assert r["jaxpr_flops"] == 3 * 2 * 4 * (784 * 8 + 8 * 10) - 2 * 4 * 784 * 8
+    assert r["xla_flops"] >= r["jaxpr_flops"]  # XLA also counts masks, softmax and Adam
+    assert out["matmul"]["flops"] == 2 * 64**3 == out["matmul"]["xla_flops"]
+    assert 0 < r["step_fraction_jaxpr"] < np.inf and r["scan_s"] > 0
+
+
+@pytest.mark.usefixtures("fast_compile")
+def test_gpu_benchmark_quick_writes_json(tmp_path) -> None:
+    import dataclasses
+    import json
+
+    from experiments.benchmarks import gpu
+
+    # The tiny MLP stands in for the conv nets (same code path, a fraction of the compile time).
+    s = dataclasses.replace(gpu.Settings.quick(), models=("mlp",), seeds=(2,), matmul_n=64,
+                            model_kwargs=(("mlp", (("widths", (8,)),)),), cert_widths=(8,),
+                            cert_networks_per_batch=(4,))
+    out = gpu.run(s, str(tmp_path / "gpu.json"), verbose=False)
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["devices"]["count"] == jax.device_count() and saved["devices"]["platform"]
+    statuses = [(r["strategy"], r["status"]) for r in out["train"]]
+    assert statuses == [("vmap", "ok"), ("sequential", "ok")]
+    assert all(r["seed_steps_per_s"] > 0 and r["mfu_xla"] > 0 for r in out["train"])
+    cert, per_example = out["certificate"]
+    assert cert["status"] == "ok" and cert["networks_per_s"] > 0
+    # Forward of the 784-8-10 MLP: 2 (784*8 + 8*10) FLOPs per example and network.
+    assert cert["flops"] == 2 * (784 * 8 + 8 * 10) * s.cert_n * s.cert_networks
+    # Per-example scheme: one network per example, R repeats, so R n forwards of one example.
+    assert per_example["status"] == "ok" and per_example["scheme"] == "per_example"
+    assert per_example["networks"] == s.cert_per_example_repeats * s.cert_n
+    assert per_example["flops"] == 2 * (784 * 8 + 8 * 10) * per_example["networks"]
+
+
+@pytest.mark.usefixtures("fast_compile")
+def test_torch_compare_same_work_and_rates() -> None:
+    pytest.importorskip("torch")  # benchmark-only dependency, absent in CI
+    from experiments.benchmarks import torch_compare
+    from jaxprune import train
+
+    cfg = train.TrainConfig(optimizer="sgd", learning_rate=0.05)
+    # torch loop, torch.func and jax vmap against the jitted jax step: the same losses.
+    diffs = torch_compare.check_same_work("mlp", 4, cfg, steps=2, widths=(8,))
+    assert max(diffs.values()) < 1e-5, diffs
+    rates = torch_compare.bench("mlp", 2, 4, 1, 1, cfg, ("torch loop", "torch.func"), widths=(8,))
+    assert min(rates.values()) > 0

@@ -2,21 +2,21 @@
 
   python -m experiments.benchmarks.convs                                   # ~10 min on 2 busy cores
   python -m experiments.benchmarks.convs --models=small_cnn --seeds=4 --impls=xla,shifts --vgg=false
+  python -m experiments.benchmarks.convs --steps=2 --skip=xla:vmap   # the issue-8 table in README
 
 For each model, conv_impl and S: seed-steps/s of `map_seeds(train_epoch, ..., "vmap")` and of
 "sequential" (one compiled single-seed program called S times), masked Adam steps (50% random mask) on
 synthetic 32x32x3 batches. Every ratio is measured side by side in this one process; each
 configuration is timed `repeats` times (best reported, spread printed, since the machine is shared).
-The VGG11-BN row compares conv_impl="xla", pool_impl="xla" (exactly nn.Conv + nn.max_pool) with the
-defaults (im2col on <= 2x2 maps, reshape-max pool) and with conv_impl="shifts".
+The VGG11-BN rows time one jitted train step (no scan) of conv_impl="xla", pool_impl="xla" (exactly
+nn.Conv + nn.max_pool) against the reshape-max pool with "xla" / "patches" convs and the defaults
+("auto", which is "shifts" on CPU).
 Not a test: numbers depend on the machine (printed in the header).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import platform
 import time
 
 import jax
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.benchmarks.roofline import machine
 from jaxprune import masks, models, pruners, train
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn", "resnet20"], "Conv models (jaxprune.models).")
@@ -32,28 +33,23 @@ _SEEDS = flags.DEFINE_list("seeds", ["4", "8"], "Numbers of seeds S.")
 _STEPS = flags.DEFINE_integer("steps", 1, "Steps per call (one jitted lax.scan).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_SHAPE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Input H,W,C (32,32,3: CIFAR; 14,14,1: "
+                           "the stability CPU default).")
+_CHANNELS = flags.DEFINE_list("channels", [], "small_cnn conv widths (default: the model's); e.g. "
+                              "8,8,16,16,32,32 for the stability CPU default.")
 _VGG = flags.DEFINE_bool("vgg", True, "Also time one VGG11-BN step: plain flax layers vs fast.")
+_SKIP = flags.DEFINE_list("skip", [], "impl:strategy pairs not to time, e.g. xla:vmap (grouped convs "
+                          "inside a scan take minutes per call on XLA CPU).")
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"jax {jax.__version__}, {jax.default_backend()}, {jax.device_count()} device(s), {cpu}, "
-            f"{os.cpu_count()} cores, load {load:.1f}")
-
-
-def setup(name: str, num_seeds: int, batch: int, **model_kwargs):
-    """(epoch_fn(strategy), states, x, y, keys): masked S-seed training on synthetic CIFAR batches."""
+def setup(name: str, num_seeds: int, batch: int, shape: tuple[int, ...] = (32, 32, 3),
+          **model_kwargs):
+    """(model, tx, states, x, y, keys): masked S-seed training on synthetic batches of `shape`."""
     model = models.get_model(name, num_classes=10, **model_kwargs)
     cfg = train.TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=batch)
     tx = train.make_optimizer(cfg)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2 * batch, 32, 32, 3)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(2 * batch, *shape)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, size=(2 * batch,)).astype(np.int32))
 
     def init(key):
@@ -80,10 +76,14 @@ def spread(ts: list[float]) -> str:
     return f"{100 * (max(ts) - min(ts)) / min(ts):.0f}%"
 
 
-def bench_seeds(name: str, impl: str, s: int, steps: int, repeats: int, batch: int) -> dict:
-    model, tx, states, x, y, keys = setup(name, s, batch, conv_impl=impl)
+def bench_seeds(name: str, impl: str, s: int, steps: int, repeats: int, batch: int,
+                skip: tuple[str, ...] = (), shape: tuple[int, ...] = (32, 32, 3),
+                **model_kwargs) -> dict:
+    """{strategy: (seed-steps/s, spread)} for the strategies not in skip (as "impl:strategy")."""
+    model, tx, states, x, y, keys = setup(name, s, batch, shape, conv_impl=impl, **model_kwargs)
     epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch, steps=steps)
-    fns = {k: train.map_seeds(epoch, (0, None, None, 0), k) for k in ("vmap", "sequential")}
+    fns = {k: train.map_seeds(epoch, (0, None, None, 0), k) for k in ("vmap", "sequential")
+           if f"{impl}:{k}" not in skip}
     for f in fns.values():  # compile both before timing either
         jax.block_until_ready(f(states, x, y, keys))
     # Interleave the strategies so load changes hit both alike.
@@ -99,28 +99,44 @@ def bench_seeds(name: str, impl: str, s: int, steps: int, repeats: int, batch: i
 def bench_vgg(repeats: int, batch: int) -> dict:
     out = {}
     variants = {"plain flax (xla conv + nn.max_pool)": dict(conv_impl="xla", pool_impl="xla"),
-                "default (auto + reshape pool)": {}, "shifts + reshape pool": dict(conv_impl="shifts")}
+                "xla conv + reshape pool": dict(conv_impl="xla"),
+                "patches + reshape pool": dict(conv_impl="patches"),
+                "default (auto + reshape pool)": {}}
     for label, kw in variants.items():
         model, tx, states, x, y, keys = setup("vgg11_bn", 1, batch, **kw)
-        epoch = jax.jit(functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch,
-                                          steps=1))
+        # One jitted step, no scan: plain flax convs inside a scan hit the XLA CPU trap (README),
+        # which would flatter the fast layers.
+        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
         one = jax.tree.map(lambda v: v[0], states)
-        out[label] = time_calls(lambda: epoch(one, x, y, keys[0]), repeats)
+        out[label] = time_calls(lambda: step(one, x[:batch], y[:batch]), repeats)
     return out
 
 
 def main(argv):
     del argv
-    print(f"# conv benchmark: {machine()}, batch {_BATCH.value}, steps/call {_STEPS.value}", flush=True)
+    shape = tuple(map(int, _SHAPE.value))
+    print(f"# conv benchmark: {machine()}, batch {_BATCH.value}, input {shape}, steps/call "
+          f"{_STEPS.value}, small_cnn channels {_CHANNELS.value or 'default'}", flush=True)
     print("| model | conv_impl | S | sequential (seed-steps/s) | vmap | vmap / sequential | spread seq, vmap |")
     print("|---|---|---|---|---|---|---|")
+    best_seq: dict[tuple[str, int], float] = {}
+    best_vmap: dict[tuple[str, int], float] = {}
     for name in _MODELS.value:
         for s in map(int, _SEEDS.value):
             for impl in _IMPLS.value:
-                r = bench_seeds(name, impl, s, _STEPS.value, _REPEATS.value, _BATCH.value)
-                (seq, ds), (vm, dv) = r["sequential"], r["vmap"]
+                kw = ({"channels": tuple(map(int, _CHANNELS.value)), "dense": 64, "batch_norm": True}
+                      if name == "small_cnn" and _CHANNELS.value else {})
+                r = bench_seeds(name, impl, s, _STEPS.value, _REPEATS.value, _BATCH.value,
+                                tuple(_SKIP.value), shape, **kw)
+                (seq, ds), (vm, dv) = (r.get(k, (float("nan"), "-")) for k in ("sequential", "vmap"))
                 print(f"| {name} | {impl} | {s} | {seq:.2f} | {vm:.2f} | {vm / seq:.2f} | {ds}, {dv} |",
                       flush=True)
+                best_seq[(name, s)] = max(best_seq.get((name, s), 0.0), seq if seq == seq else 0.0)
+                best_vmap[(name, s)] = max(best_vmap.get((name, s), 0.0), vm if vm == vm else 0.0)
+    if best_seq:
+        print("\n| model | S | best vmap / best sequential (over conv_impl) |\n|---|---|---|")
+        for (name, s), seq in best_seq.items():
+            print(f"| {name} | {s} | {best_vmap[(name, s)] / seq:.2f} |", flush=True)
     if _VGG.value:
         r = bench_vgg(_REPEATS.value, _BATCH.value)
         base = min(next(iter(r.values())))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.benchmarks.roofline import time_best
 from jaxprune import masks, models, pruners, train
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "small_cnn"], "Model names (jaxprune.models).")
@@ -50,16 +51,6 @@ def _setup(name: str, num_seeds: int, batch: int):
     return model, tx, x, y, states
 
 
-def _time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench(name: str, num_seeds: int, steps: int, repeats: int, batch: int) -> dict[str, float]:
     model, tx, x, y, states = _setup(name, num_seeds, batch)
     epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch, steps=steps)
@@ -67,14 +58,14 @@ def bench(name: str, num_seeds: int, steps: int, repeats: int, batch: int) -> di
     out = {}
     for strategy in ("vmap", "sequential"):
         fn = train.map_seeds(epoch, (0, None, None, 0), strategy)
-        out[strategy] = num_seeds * steps / _time(lambda: fn(states, x, y, keys), repeats)
+        out[strategy] = num_seeds * steps / time_best(lambda: fn(states, x, y, keys), repeats)
     single = jax.jit(epoch)
     one = [jax.tree.map(lambda v: v[i], states) for i in range(num_seeds)]
 
     def runs():
         return [single(one[i], x, y, keys[i]) for i in range(num_seeds)]
 
-    out["runs"] = num_seeds * steps / _time(runs, repeats)
+    out["runs"] = num_seeds * steps / time_best(runs, repeats)
     return out
 
 
