@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarks.roofline import machine
+from experiments.benchmarks.roofline import machine, time_calls
 from jaxprune import masks, models, pruners, train
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn", "resnet20"], "Conv models (jaxprune.models).")
@@ -60,16 +60,6 @@ def setup(name: str, num_seeds: int, batch: int, shape: tuple[int, ...] = (32, 3
 
     states = train.map_seeds(init, (0,), "vmap")(train.seed_keys(0, num_seeds))
     return model, tx, states, x, y, train.seed_keys(1, num_seeds)
-
-
-def time_calls(fn, repeats: int) -> list[float]:
-    jax.block_until_ready(fn())  # compile + warm up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def spread(ts: list[float]) -> str:
@@ -131,11 +121,12 @@ def main(argv):
                 (seq, ds), (vm, dv) = (r.get(k, (float("nan"), "-")) for k in ("sequential", "vmap"))
                 print(f"| {name} | {impl} | {s} | {seq:.2f} | {vm:.2f} | {vm / seq:.2f} | {ds}, {dv} |",
                       flush=True)
-                best_seq[(name, s)] = max(best_seq.get((name, s), 0.0), seq if seq == seq else 0.0)
-                best_vmap[(name, s)] = max(best_vmap.get((name, s), 0.0), vm if vm == vm else 0.0)
+                # fmax ignores NaN (a skipped strategy) unless both sides are NaN.
+                best_seq[(name, s)] = np.fmax(best_seq.get((name, s), np.nan), seq)
+                best_vmap[(name, s)] = np.fmax(best_vmap.get((name, s), np.nan), vm)
     if best_seq:
         print("\n| model | S | best vmap / best sequential (over conv_impl) |\n|---|---|---|")
-        for (name, s), seq in best_seq.items():
+        for (name, s), seq in best_seq.items():  # NaN where a strategy was skipped for every impl
             print(f"| {name} | {s} | {best_vmap[(name, s)] / seq:.2f} |", flush=True)
     if _VGG.value:
         r = bench_vgg(_REPEATS.value, _BATCH.value)

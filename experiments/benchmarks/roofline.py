@@ -119,15 +119,20 @@ def jaxpr_flops(fn: Callable[..., Any], *args: Any) -> float:
     return _count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def time_best(fn: Callable[[], Any], repeats: int) -> float:
-    """Best wall time (s) of `repeats` calls of `fn`, after one call that compiles and warms up."""
+def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall times (s) of `repeats` calls of `fn`, after one call that compiles and warms up."""
     jax.block_until_ready(fn())
-    best = math.inf
+    out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def time_best(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time (s) of `repeats` calls of `fn` (`time_calls`)."""
+    return min(time_calls(fn, repeats))
 
 
 def matmul_peak(n: int, repeats: int = 5, dtype: Any = jnp.float32) -> dict[str, float]:

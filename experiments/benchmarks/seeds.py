@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
