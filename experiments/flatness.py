@@ -132,42 +132,6 @@ def _example_loss(params: PyTree, x: jax.Array, y: jax.Array, batch_stats: PyTre
     return _loss(params, batch_stats, x[None], y[None], model=model)
 
 
-def probe_traces(key: jax.Array, loss_fn, params: PyTree, mask: PyTree, num_probes: int,
-                 num_pruned: int, groups: jax.Array) -> dict[str, jax.Array]:
-    """Hutchinson samples s_j = z_j^T D H D z_j (probes drawn exactly as `flatness.hutchinson_trace`
-    draws them, so the estimate is the same number) and their block parts per group:
-    E[sum_{i in g} z_i (D H D z)_i] = Tr(H_gg) for a group g of kept coordinates (layers), so
-    per-layer traces cost no extra HVPs. `num_pruned` probes on the pruned coordinates estimate
-    Tr((1-D) H (1-D)). groups: (G, d) 0/1 rows. Means and standard errors over probes."""
-    flat, unravel = ravel_pytree(params)
-    m = ravel_pytree(jax.tree.map(lambda a, p: jnp.asarray(a, p.dtype), mask, params))[0]
-    grad_fn = jax.grad(lambda w: loss_fn(unravel(w)))
-    kept_key, pruned_key = jax.random.split(key)
-    keys = jnp.concatenate([jax.random.split(kept_key, num_probes),
-                            jax.random.split(pruned_key, num_pruned)])
-    z = jax.vmap(lambda k: jax.random.rademacher(k, flat.shape, flat.dtype))(keys)
-    region = jnp.concatenate([jnp.broadcast_to(m, (num_probes,) + m.shape),
-                              jnp.broadcast_to(1 - m, (num_pruned,) + m.shape)])
-    z = z * region
-    hz = jax.vmap(lambda u: jax.jvp(grad_fn, (flat,), (u,))[1])(z) * region
-    prod = z * hz  # (P, d): rows sum to the Hutchinson samples
-
-    def mean_se(s: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return s.mean(0), s.std(0, ddof=1) / jnp.sqrt(s.shape[0])
-
-    trace, trace_se = mean_se(prod[:num_probes].sum(-1))
-    layers, layers_se = mean_se(prod[:num_probes] @ groups.T)
-    out = dict(trace=trace, trace_se=trace_se, layers=layers, layers_se=layers_se)
-    if num_pruned > 1:
-        out["pruned"], out["pruned_se"] = mean_se(prod[num_probes:].sum(-1))
-    return out
-
-
-def _group_rows(params: PyTree, mask: PyTree) -> tuple[list[str], np.ndarray]:
-    lm = flatness.layer_masks(params, mask)
-    return list(lm), np.stack([np.asarray(ravel_pytree(v)[0]) for v in lm.values()])
-
-
 class Measurer:
     """Jitted single-run measure functions, compiled once and reused for every run."""
 
@@ -177,7 +141,7 @@ class Measurer:
         k = c.top_k
 
         def hutch(key, p, bs, m, x, y, groups):
-            return probe_traces(key, lambda q: loss(q, bs, x, y), p, m, c.hutchinson.probes,
+            return flatness.hutchinson_block_traces(key, lambda q: loss(q, bs, x, y), p, m, c.hutchinson.probes,
                                 c.hutchinson.pruned_probes, groups)
 
         def hutchpp(key, p, bs, m, x, y):
@@ -245,7 +209,7 @@ def measure_run(fn: Measurer, c: config_dict.ConfigDict, key: jax.Array, state: 
     loss, acc = fn("base", p, bs, x, y)
     row.update(loss=float(loss), accuracy=float(acc), num_kept=int(ravel_pytree(m)[0].sum()))
     if "hutchinson" in todo:
-        names, groups = _group_rows(p, m)
+        names, groups = flatness.layer_group_rows(p, m)
         h = fn("hutchinson", keys["hutchinson"], p, bs, m, x, y, jnp.asarray(groups, x.dtype))
         row.update(trace_hutch=float(h["trace"]), trace_hutch_se=float(h["trace_se"]),
                    trace_pruned=float(h.get("pruned", nan)),

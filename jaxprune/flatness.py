@@ -509,6 +509,45 @@ def kept_pruned_masks(mask: PyTree) -> dict[str, PyTree]:
     return {"kept": mask, "pruned": jax.tree.map(lambda m: 1 - m, mask)}
 
 
+def hutchinson_block_traces(key: jax.Array, loss_fn: LossFn, params: PyTree, mask: PyTree,
+                            num_probes: int, num_pruned: int, groups: jax.Array
+                            ) -> dict[str, jax.Array]:
+    """Hutchinson samples s_j = z_j^T D H D z_j (probes drawn exactly as `hutchinson_trace`
+    draws them, so the estimate is the same number) and their block parts per group:
+    E[sum_{i in g} z_i (D H D z)_i] = Tr(H_gg) for a group g of kept coordinates (layers), so
+    per-layer traces cost no extra HVPs. `num_pruned` probes on the pruned coordinates estimate
+    Tr((1-D) H (1-D)). groups: (G, d) 0/1 rows. Means and standard errors over probes."""
+    flat, unravel = ravel_pytree(params)
+    m = ravel_pytree(jax.tree.map(lambda a, p: jnp.asarray(a, p.dtype), mask, params))[0]
+    grad_fn = jax.grad(lambda w: loss_fn(unravel(w)))
+    kept_key, pruned_key = jax.random.split(key)
+    keys = jnp.concatenate([jax.random.split(kept_key, num_probes),
+                            jax.random.split(pruned_key, num_pruned)])
+    z = jax.vmap(lambda k: jax.random.rademacher(k, flat.shape, flat.dtype))(keys)
+    region = jnp.concatenate([jnp.broadcast_to(m, (num_probes,) + m.shape),
+                              jnp.broadcast_to(1 - m, (num_pruned,) + m.shape)])
+    z = z * region
+    hz = jax.vmap(lambda u: jax.jvp(grad_fn, (flat,), (u,))[1])(z) * region
+    prod = z * hz  # (P, d): rows sum to the Hutchinson samples
+
+    def mean_se(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return s.mean(0), s.std(0, ddof=1) / jnp.sqrt(s.shape[0])
+
+    trace, trace_se = mean_se(prod[:num_probes].sum(-1))
+    layers, layers_se = mean_se(prod[:num_probes] @ groups.T)
+    out = dict(trace=trace, trace_se=trace_se, layers=layers, layers_se=layers_se)
+    if num_pruned > 1:
+        out["pruned"], out["pruned_se"] = mean_se(prod[num_probes:].sum(-1))
+    return out
+
+
+def layer_group_rows(params: PyTree, mask: PyTree) -> tuple[list[str], jax.Array]:
+    """(layer names, (G, d) 0/1 rows of kept coordinates per layer): `layer_masks` flattened, the
+    `groups` of `hutchinson_block_traces`."""
+    lm = layer_masks(params, mask)
+    return list(lm), jnp.stack([ravel_pytree(v)[0] for v in lm.values()])
+
+
 def by_region(
     estimate_fn: Callable[[jax.Array, PyTree], Any], key: jax.Array, masks: dict[str, PyTree]
 ) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""experiments/flatness.py: its shared-probe Hutchinson helper against the library and exact
-Hessians, and the whole study on a tiny real stability run (trained, pruned, checkpointed)."""
+"""flatness.hutchinson_block_traces (the shared-probe Hutchinson the experiment uses) against the
+library's hutchinson_trace and exact Hessians, and experiments/flatness.py: the whole study on a
+tiny real stability run (trained, pruned, checkpointed)."""
 
 import json
 import os
@@ -49,7 +50,7 @@ def _mlp_loss(params, x, y):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
-def test_probe_traces_match_library_and_exact_blocks(key):
+def test_block_traces_match_hutchinson_and_exact_blocks(key):
     p_key, x_key, y_key = jax.random.split(key, 3)
     ks = jax.random.split(p_key, 3)
     params = {"l1": {"w": jax.random.normal(ks[0], (3, 4)), "b": jax.random.normal(ks[1], (4,))},
@@ -59,12 +60,12 @@ def test_probe_traces_match_library_and_exact_blocks(key):
     mask["l1"]["w"] = mask["l1"]["w"].at[0, :2].set(0.0).at[2, 3].set(0.0)
     params = jax.tree.map(lambda p, m: p * m, params, mask)
     loss = lambda p: _mlp_loss(p, x, y)  # noqa: E731
-    names, groups = fexp._group_rows(params, mask)
+    names, groups = flatness.layer_group_rows(params, mask)
     assert names == ["l1", "l2"]
 
     @jax.jit
     def both(k):
-        ours = fexp.probe_traces(k, loss, params, mask, 256, 64, jnp.asarray(groups))
+        ours = flatness.hutchinson_block_traces(k, loss, params, mask, 256, 64, jnp.asarray(groups))
         lib = flatness.hutchinson_trace(jax.random.split(k)[0], loss, params, 256, mask)
         return ours, lib
 
