@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -85,13 +86,47 @@ def test_roofline_runs_on_a_tiny_mlp() -> None:
     from experiments.benchmarks import roofline
 
     out = roofline.run(("mlp",), batch=4, steps=1, matmul_n=64, repeats=1,
-                       model_kwargs={"mlp": {"widths": (8,)}}, verbose=False)
+                       model_kwargs={"mlp": {"widths": (8,)}}, verbose=False, profile=True)
     r = out["models"][0]
+    assert r["ops"] and all(t > 0 for t in r["ops"].values())
     # Forward 2B(784*8 + 8*10); backward twice that, less the input gradient of the first layer.
     assert r["jaxpr_flops"] == 3 * 2 * 4 * (784 * 8 + 8 * 10) - 2 * 4 * 784 * 8
     assert r["xla_flops"] >= r["jaxpr_flops"]  # XLA also counts masks, softmax and Adam
     assert out["matmul"]["flops"] == 2 * 64**3 == out["matmul"]["xla_flops"]
     assert 0 < r["step_fraction_jaxpr"] < np.inf and r["scan_s"] > 0
+
+
+def test_op_breakdown_lists_only_xla_op_kinds() -> None:
+    import re
+
+    from experiments.benchmarks import roofline
+
+    a = jnp.ones((64, 64))
+    f = jax.jit(lambda a: jnp.concatenate([a @ a, jnp.sin(a)], 0))
+    ops = roofline.op_breakdown(lambda: f(a), calls=2)
+    assert ops and all(t > 0 for t in ops.values())
+    assert list(ops.values()) == sorted(ops.values(), reverse=True)
+    # Op kinds only: no Python frames or executor spans, numeric suffixes stripped.
+    assert not [k for k in ops if k.startswith(roofline._NOT_OPS) or re.search(r"\.\d+$", k)]
+    assert sum(ops.values()) < 1.0  # thread-seconds per call of a 64x64 matmul
+
+
+def test_allocator_variants_find_installed_libraries() -> None:
+    from experiments.benchmarks import allocators
+
+    assert allocators.find_library("libc.so.6")  # every glibc system has it
+    assert allocators.find_library("libnot-a-library.so.0") is None
+    v = allocators.variants()
+    assert v["glibc default"] == {} and "mmap_max=0" in v["glibc tunables"]["GLIBC_TUNABLES"]
+    for name in set(v) - {"glibc default", "glibc tunables"}:  # preloads only where installed
+        assert name in allocators.LIBRARIES and Path(v[name]["LD_PRELOAD"]).exists()
+
+
+def test_batched_matmul_benchmark_times_both_sides() -> None:
+    from experiments.benchmarks import batched_matmul
+
+    t_single, t_batched = batched_matmul.bench(16, 8, 4, num_seeds=3, repeats=1)
+    assert 0 < t_single < 10 and 0 < t_batched < 10
 
 
 @pytest.mark.usefixtures("fast_compile")

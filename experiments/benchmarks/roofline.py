@@ -3,6 +3,7 @@
   python -m experiments.benchmarks.roofline    # MLP + small CNN, ~20 min on 2 busy CPUs (scan trap)
   python -m experiments.benchmarks.roofline --models=mlp --matmul_n=4096 --steps=50
   python -m experiments.benchmarks.roofline --models=small_cnn --conv_impl=shifts
+  python -m experiments.benchmarks.roofline --models=small_cnn --profile   # + op-kind breakdown
 
 For each model: one masked Adam step (`jaxprune.train.train_step`, 50% random mask, cross-entropy)
 on a synthetic batch (MLP: 28x28x1, LeNet-300-100; small CNN: 32x32x3), timed as `steps` jitted
@@ -17,8 +18,10 @@ The ceiling is an n x n x n float32 matmul (2 n^3 FLOPs) timed in the same proce
 "fraction" is achieved FLOP/s over that matmul's. Not a test: numbers depend on the machine and its
 load (printed in the header). On XLA CPU a conv net's step inside `lax.scan` can be far slower than
 the same step jitted alone (measured: small CNN 15-25x with conv_impl "xla", none with "shifts");
-the "scan" row shows it. The helpers here (`machine`, `cost_flops`, `jaxpr_flops`,
-`matmul_peak`, `masked_states`) are shared by the other speed benchmarks.
+the "scan" row shows it. `--profile` adds, per model, where the jitted step's time goes: the XLA
+ops' thread-time per step grouped by op kind (`op_breakdown`, from a `jax.profiler` trace). The
+helpers here (`machine`, `time_calls`, `cost_flops`, `jaxpr_flops`, `op_breakdown`, `matmul_peak`,
+`masked_states`, `synthetic_batch`) are shared by the other speed benchmarks.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import functools
 import math
 import os
 import platform
+import re
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -135,6 +142,42 @@ def time_best(fn: Callable[[], Any], repeats: int) -> float:
     return min(time_calls(fn, repeats))
 
 
+_NOT_OPS = ("$", "end: ", "ThunkExecutor", "ThreadpoolListener")
+
+
+def op_breakdown(fn: Callable[[], Any], calls: int = 2) -> dict[str, float]:
+    """{XLA op kind: thread-seconds per call} of `calls` profiled calls of `fn`, largest first.
+
+    Op kind is the HLO instruction name without its numeric suffix ("concatenate.1" ->
+    "concatenate"); times are summed over all threads, so on several cores they add up to more
+    than the wall time. Works on CPU and GPU (device lines) alike, from one `jax.profiler` trace.
+    """
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn())  # compile outside the trace
+    with tempfile.TemporaryDirectory() as logdir:
+        jax.profiler.start_trace(logdir)
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+        jax.profiler.stop_trace()
+        paths = sorted(Path(logdir).rglob("*.xplane.pb"))
+        if not paths:
+            raise RuntimeError(f"jax.profiler wrote no trace under {logdir}")
+        data = ProfileData.from_file(str(paths[-1]))
+        total: Counter[str] = Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                if "python" in line.name:  # host-side Python frames, not XLA ops
+                    continue
+                for ev in line.events:
+                    # Python frames ("$file:line fn"), the executor's own spans and thread-pool
+                    # markers are not ops.
+                    if ev.name.startswith(_NOT_OPS):
+                        continue
+                    total[re.sub(r"(\.\d+)+$", "", ev.name)] += ev.duration_ns
+    return {k: v / 1e9 / calls for k, v in total.most_common()}
+
+
 def matmul_peak(n: int, repeats: int = 5, dtype: Any = jnp.float32) -> dict[str, float]:
     """Measured FLOP/s of one n x n @ n x n matmul (2 n^3 FLOPs): the ceiling for this run."""
     ka, kb = jax.random.split(jax.random.key(0))
@@ -181,9 +224,10 @@ def synthetic_batch(shape: Sequence[int], n: int, seed: int = 0) -> tuple[jax.Ar
 
 
 def bench_model(
-    name: str, batch: int, steps: int, repeats: int, **model_kwargs: Any
+    name: str, batch: int, steps: int, repeats: int, profile: bool = False, **model_kwargs: Any
 ) -> dict[str, Any]:
-    """FLOPs per step (xla, jaxpr) and seconds per step (Python loop of jitted steps; one scan)."""
+    """FLOPs per step (xla, jaxpr), seconds per step (Python loop of jitted steps; one scan) and,
+    with `profile`, the jitted step's `op_breakdown` under "ops"."""
     model = models.get_model(name, num_classes=10, **model_kwargs)
     tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
     x, y = synthetic_batch(INPUT_SHAPES[name], batch)
@@ -210,6 +254,8 @@ def bench_model(
     key = jax.random.key(1)
     out["step_s"] = time_best(loop, repeats) / steps
     out["scan_s"] = time_best(lambda: epoch(state, x, y, key), repeats) / steps
+    if profile:
+        out["ops"] = op_breakdown(lambda: jstep(state, x, y))
     return out
 
 
@@ -221,6 +267,8 @@ def run(
     repeats: int = 3,
     model_kwargs: dict[str, dict] | None = None,
     verbose: bool = True,
+    profile: bool = False,
+    top_ops: int = 8,
 ) -> dict[str, Any]:
     """Runs and prints the roofline table; returns {"machine", "matmul", "models": [...]}.
 
@@ -243,7 +291,7 @@ def run(
     )
     for name in model_names:
         n_steps = steps or (50 if name in ("mlp", "lenet300_100") else 3)
-        r = bench_model(name, batch, n_steps, repeats, **model_kwargs.get(name, {}))
+        r = bench_model(name, batch, n_steps, repeats, profile, **model_kwargs.get(name, {}))
         for how in ("step", "scan"):
             sec = r[f"{how}_s"]
             fx, fj = r["xla_flops"] / sec, r["jaxpr_flops"] / sec
@@ -260,6 +308,12 @@ def run(
                 flush=True,
             )
         rows.append(r)
+    for r in rows if profile else ():
+        total = sum(r["ops"].values())
+        say(f"\n{r['model']}, one jitted step: XLA op thread-time by kind (total {1e3 * total:.0f} ms, "
+            f"wall {1e3 * r['step_s']:.0f} ms)\n| op kind | ms | share |\n|---|---|---|")
+        for op, sec in list(r["ops"].items())[:top_ops]:
+            say(f"| {op} | {1e3 * sec:.1f} | {sec / total:.2f} |")
     return {"machine": machine(), "matmul": peak, "models": rows}
 
 
@@ -267,7 +321,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     kwargs = {n: {"conv_impl": _CONV_IMPL.value} for n in _MODELS.value if n != "mlp"}
     run(_MODELS.value, _BATCH.value, _STEPS.value, _MATMUL_N.value, _REPEATS.value,
-        kwargs if _CONV_IMPL.value else None)
+        kwargs if _CONV_IMPL.value else None, profile=_PROFILE.value)
 
 
 if __name__ == "__main__":
@@ -284,5 +338,8 @@ if __name__ == "__main__":
     )
     _REPEATS = flags.DEFINE_integer(
         "repeats", 3, "Timed calls per configuration (best is reported)."
+    )
+    _PROFILE = flags.DEFINE_bool(
+        "profile", False, "Also print where each model's jitted step spends its time (op kinds)."
     )
     app.run(main)
