@@ -39,6 +39,8 @@ CASES = {
 GLIBC_TUNED = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                "glibc.malloc.trim_threshold=100000000000")
 LIBRARIES = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD")
+
 
 def find_library(soname: str) -> str | None:
     """Path of a shared library by soname (ldconfig's cache, then the usual directories)."""
@@ -69,16 +71,13 @@ def time_cases(names: Sequence[str], repeats: int) -> dict[str, dict[str, float]
     """{case: {"ms_per_step", "sys_s_per_step"}} for one jitted `train_epoch` call per case."""
     import jax
 
-    from experiments.benchmarks.roofline import masked_states, synthetic_batch, time_calls
-    from jaxprune import models, train
+    from experiments.benchmarks.roofline import one_seed_setup, time_calls
+    from jaxprune import train
 
     out = {}
     for name in names:
         model_name, shape, batch, steps, kw = CASES[name]
-        model = models.get_model(model_name, num_classes=10, **kw)
-        tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
-        x, y = synthetic_batch(shape, 2 * batch)
-        one = jax.tree.map(lambda v: v[0], masked_states(model, tx, x[:1], train.seed_keys(0, 1)))
+        model, tx, one, x, y = one_seed_setup(model_name, batch, shape, **kw)
         epoch = jax.jit(functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch,
                                           steps=steps))
         key = jax.random.key(1)
@@ -94,7 +93,9 @@ def time_cases(names: Sequence[str], repeats: int) -> dict[str, dict[str, float]
 def run_variant(env: dict[str, str], names: Sequence[str], repeats: int) -> dict[str, dict[str, float]]:
     cmd = [sys.executable, "-m", "experiments.benchmarks.allocators", "--child",
            f"--cases={','.join(names)}", f"--repeats={repeats}"]
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False,
+    # The caller's own allocator settings would leak into every variant, "glibc default" included.
+    base = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    proc = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[2])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

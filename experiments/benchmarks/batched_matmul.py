@@ -14,6 +14,7 @@ FLOPs on the same data, in this one process. Not a test: numbers depend on the m
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +38,13 @@ def bench(m: int, k: int, n: int, num_seeds: int, repeats: int) -> tuple[float, 
     p = jax.random.normal(kp, (num_seeds, m, k), jnp.float32)
     w = jax.random.normal(kw, (num_seeds, k, n), jnp.float32)
     ps, ws = list(p), list(w)  # separate buffers per seed, sliced once outside the timing
-    single = jax.jit(jnp.matmul)
-    batched = jax.jit(jnp.matmul)  # (S, M, K) @ (S, K, N): XLA's batched dot, what vmap emits
-    t_single = time_best(lambda: [single(ps[i], ws[i]) for i in range(num_seeds)], repeats)
-    t_batched = time_best(lambda: batched(p, w), repeats)
+    mm = jax.jit(jnp.matmul)  # on (S, M, K) @ (S, K, N): XLA's batched dot, what vmap emits
+    t_single = time_best(lambda: [mm(ps[i], ws[i]) for i in range(num_seeds)], repeats)
+    t_batched = time_best(lambda: mm(p, w), repeats)
     return t_single, t_batched
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
     del argv
     print(f"# batched matmul benchmark: {machine()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print("| conv | M x K x N | S | S single (ms) | batched (ms) | single / batched |")

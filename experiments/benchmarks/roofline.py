@@ -21,7 +21,7 @@ the same step jitted alone (measured: small CNN 15-25x with conv_impl "xla", non
 the "scan" row shows it. `--profile` adds, per model, where the jitted step's time goes: the XLA
 ops' thread-time per step grouped by op kind (`op_breakdown`, from a `jax.profiler` trace). The
 helpers here (`machine`, `time_calls`, `cost_flops`, `jaxpr_flops`, `op_breakdown`, `matmul_peak`,
-`masked_states`, `synthetic_batch`) are shared by the other speed benchmarks.
+`masked_states`, `synthetic_batch`, `one_seed_setup`) are shared by the other speed benchmarks.
 """
 
 from __future__ import annotations
@@ -223,15 +223,23 @@ def synthetic_batch(shape: Sequence[int], n: int, seed: int = 0) -> tuple[jax.Ar
     return x, y
 
 
+def one_seed_setup(
+    name: str, batch: int, shape: Sequence[int], **model_kwargs: Any
+) -> tuple[Any, Any, train.TrainState, jax.Array, jax.Array]:
+    """(model, Adam tx, one masked TrainState, x, y): a synthetic batch of `batch` inputs of `shape`."""
+    model = models.get_model(name, num_classes=10, **model_kwargs)
+    tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
+    x, y = synthetic_batch(shape, batch)
+    state = jax.tree.map(lambda v: v[0], masked_states(model, tx, x[:1], train.seed_keys(0, 1)))
+    return model, tx, state, x, y
+
+
 def bench_model(
     name: str, batch: int, steps: int, repeats: int, profile: bool = False, **model_kwargs: Any
 ) -> dict[str, Any]:
     """FLOPs per step (xla, jaxpr), seconds per step (Python loop of jitted steps; one scan) and,
     with `profile`, the jitted step's `op_breakdown` under "ops"."""
-    model = models.get_model(name, num_classes=10, **model_kwargs)
-    tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
-    x, y = synthetic_batch(INPUT_SHAPES[name], batch)
-    state = jax.tree.map(lambda v: v[0], masked_states(model, tx, x[:1], train.seed_keys(0, 1)))
+    model, tx, state, x, y = one_seed_setup(name, batch, INPUT_SHAPES[name], **model_kwargs)
     step = functools.partial(train.train_step, model=model, tx=tx)
     out: dict[str, Any] = {
         "model": name,
