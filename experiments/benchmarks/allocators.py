@@ -4,9 +4,10 @@
   python -m experiments.benchmarks.allocators --cases=resnet20_32 --repeats=5
 
 XLA CPU allocates every large intermediate (a conv's im2col patches: 151 MB for a 32x32x32 map at
-batch 128) with the process's malloc. glibc serves such blocks with fresh mmap()s and unmaps them
-on free, so every call page-faults all of it back in (measured: ~68 000 minor faults and as much
-kernel as user time per call of one such conv). Allocators that keep freed memory avoid that. The
+batch 128) with the process's malloc. glibc hands such freed blocks back to the kernel (mmap'd
+blocks are unmapped, per-thread arenas trimmed), so every call page-faults all of it back in
+(measured: ~68 000 minor faults and as much kernel as user time per call of one such conv).
+Allocators that keep freed memory avoid that. The
 allocator is fixed when a process starts, so each variant runs the same cases in a child process
 (`--child`) with its environment (GLIBC_TUNABLES or LD_PRELOAD); the parent prints ms per step,
 kernel (sys) seconds per step and the ratio to glibc's defaults, all from this one run. Variants whose
@@ -25,7 +26,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 from absl import app, flags
+
+from experiments.benchmarks.roofline import machine, one_seed_setup, time_calls
+from jaxprune import train
 
 # name -> (model, input shape, batch, steps per call, model kwargs)
 CASES = {
@@ -69,11 +74,6 @@ def variants() -> dict[str, dict[str, str]]:
 
 def time_cases(names: Sequence[str], repeats: int) -> dict[str, dict[str, float]]:
     """{case: {"ms_per_step", "sys_s_per_step"}} for one jitted `train_epoch` call per case."""
-    import jax
-
-    from experiments.benchmarks.roofline import one_seed_setup, time_calls
-    from jaxprune import train
-
     out = {}
     for name in names:
         model_name, shape, batch, steps, kw = CASES[name]
@@ -111,8 +111,6 @@ def main(argv: Sequence[str]) -> None:
     if _CHILD.value:
         print(json.dumps(time_cases(_CASES.value, _REPEATS.value)), flush=True)
         return
-    from experiments.benchmarks.roofline import machine
-
     print(f"# allocator benchmark: {machine()}, best of {_REPEATS.value} calls, one process per variant")
     results = {}
     for name, env in variants().items():
@@ -122,7 +120,7 @@ def main(argv: Sequence[str]) -> None:
     names = list(results)
     print("| case | " + " | ".join(f"{n} ms/step (sys s)" for n in names) + " | "
           + " | ".join(f"{n} speed-up" for n in names[1:]) + " |")
-    print("|---" * (1 + 2 * len(names) - 1) + "|")
+    print("|---" * (2 * len(names)) + "|")  # case, S times, S - 1 speed-ups
     for case in _CASES.value:
         cells = [f"{results[n][case]['ms_per_step']:.1f} ({results[n][case]['sys_s_per_step']:.2f})"
                  for n in names]
