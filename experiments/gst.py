@@ -65,8 +65,7 @@ def make_spec(target: int = scoring.SMALLEST, permanent: bool = True, noise: int
                    jnp.bool_(cumulative), jnp.int32(window))
 
 
-def stack(trees: Sequence[PyTree]) -> PyTree:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+stack = train.stack_seeds
 
 
 # ----------------------------------------------------------------------------- data, model, schedule
@@ -287,7 +286,7 @@ class Runner:
     def wrap(self, states: RunState) -> Any:
         if self.strategy == "vmap":
             return states
-        return [jax.tree.map(lambda v, i=i: v[i], states) for i in range(train.num_seeds(states))]
+        return train.unstack_seeds(states)
 
     def stacked(self, states: Any) -> RunState:
         return states if self.strategy == "vmap" else stack(states)
@@ -300,9 +299,12 @@ class Runner:
         single = jax.jit(fn)
 
         def run(states, *args):
-            outs = [single(s, *[jax.tree.map(lambda v, i=i: v[i], a) if ax == 0 else a
-                                for a, ax in zip(args, in_axes)])
-                    for i, s in enumerate(states)]
+            mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+            per_seed = train.unstack_seeds(mapped) if mapped else [[]] * len(states)
+            outs = []
+            for s, seed_args in zip(states, per_seed):
+                it = iter(seed_args)
+                outs.append(single(s, *[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)]))
             if isinstance(outs[0], tuple) and isinstance(outs[0][0], RunState):
                 return [o[0] for o in outs], stack([o[1] for o in outs])
             return stack(outs)

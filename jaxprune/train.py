@@ -2,8 +2,9 @@
 
 Write init and step for ONE seed; `map_seeds` runs S seeds either as one vmapped program or as S calls of
 one compiled single-seed program (`strategy="sequential"`): both give the same numbers. XLA on CPU runs a
-vmapped convolution 4-5x slower than the seeds one after another (shared/ENV.md), so `default_strategy`
-picks sequential for conv nets on CPU and vmap elsewhere.
+vmapped convolution 4-5x slower than the seeds one after another (shared/ENV.md), and even as batched
+matmuls (conv_impl "shifts") vmapped conv seeds run at 0.75-0.97x of separate runs on 2 cores (README,
+"Speed and scale"), so `default_strategy` picks sequential for conv nets on CPU and vmap elsewhere.
 
 Masked weights stay exactly zero: the gradient is masked and the mask re-applied after every update.
 `fit` is the host loop: an epoch is one jitted `lax.scan` over batches; between epochs it evaluates,
@@ -257,14 +258,28 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
         if len(args) != len(in_axes):
             raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
         mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
-        s = num_seeds(mapped)
+        if not mapped:
+            raise ValueError("map_seeds needs at least one argument with in_axes 0")
         outs = []
-        for i in range(s):
-            call = [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
-            outs.append(single(*call))
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        for seed_args in unstack_seeds(mapped):
+            it = iter(seed_args)
+            outs.append(single(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)]))
+        return stack_seeds(outs)
 
     return run
+
+
+@jax.jit
+def unstack_seeds(tree: PyTree) -> list[PyTree]:
+    """[tree[i] for i < S] (S = leading axis) in one dispatch: eager `v[i]` per leaf costs ~0.2 ms on CPU, which was
+    0.1-0.2 s per call for S = 4 small-CNN train states (127 leaves), 40-70 % of their step time."""
+    return [jax.tree.map(lambda v: v[i], tree) for i in range(num_seeds(tree))]
+
+
+@jax.jit
+def stack_seeds(trees: list[PyTree]) -> PyTree:
+    """The inverse of `unstack_seeds`: leaves stacked on a new leading axis, in one dispatch."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def seed_keys(seed: int, num: int) -> jax.Array:

@@ -102,3 +102,13 @@ def test_bad_inputs():
     assert train.default_strategy("small_cnn", "cpu") == "sequential"
     assert train.default_strategy("small_cnn", "gpu") == "vmap"
     assert train.default_strategy("mlp", "cpu") == "vmap"
+
+
+def test_unstack_and_stack_seeds_are_inverse():
+    tree = {"w": jnp.arange(12.0).reshape(3, 2, 2), "step": jnp.array([1, 2, 3], jnp.int32)}
+    parts = train.unstack_seeds(tree)
+    assert len(parts) == 3
+    chex.assert_trees_all_equal(parts[1], {"w": tree["w"][1], "step": tree["step"][1]})
+    chex.assert_trees_all_equal(train.stack_seeds(parts), tree)
+    with pytest.raises(ValueError, match="in_axes 0"):  # nothing to map over
+        train.map_seeds(lambda x: x, (None,), "sequential")(jnp.ones(2))
