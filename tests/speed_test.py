@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import chex
@@ -168,3 +169,25 @@ def test_torch_compare_same_work_and_rates() -> None:
     assert max(diffs.values()) < 1e-5, diffs
     rates = torch_compare.bench("mlp", 2, 4, 1, 1, cfg, ("torch loop", "torch.func"), widths=(8,))
     assert min(rates.values()) > 0
+
+
+def test_processes_benchmark_pins_children_and_checks_inputs(tmp_path) -> None:
+    from experiments.benchmarks import processes
+
+    with pytest.raises(ValueError, match="evenly"):
+        processes.measure({}, "runs", 3, 2, 0.1)
+    with pytest.raises(ValueError, match="strategy"):
+        processes.seed_steps_per_s({}, "threads", 1, 0.1)
+    with pytest.raises(TimeoutError, match="not all 2"):
+        processes.wait_barrier(str(tmp_path), 0, 2, timeout_s=0.05)
+    processes.wait_barrier(str(tmp_path), 1, 2, timeout_s=0.05)  # now both are ready: returns
+
+    case = {"model": "mlp", "shape": [8, 8, 1], "batch": 16, "steps": 2, "kwargs": {"widths": [8]}}
+    cores = len(os.sched_getaffinity(0))
+    one = processes.measure(case, "vmap", 2, 1, 0.1)
+    assert [c["cpus"] for c in one["children"]] == [cores]
+    if cores >= 2:
+        two = processes.measure(case, "runs", 2, 2, 0.1)
+        assert [c["cpus"] for c in two["children"]] == [1, 1]  # each child pinned to one core
+        assert two["seed_steps_per_s"] == pytest.approx(sum(c["seed_steps_per_s"] for c in two["children"]))
+        assert all(c["calls"] >= 2 and c["seed_steps_per_s"] > 0 for c in two["children"])
