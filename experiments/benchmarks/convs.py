@@ -20,45 +20,17 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarks.roofline import machine, time_calls
-from jaxprune import masks, models, pruners, train
-
-_MODELS = flags.DEFINE_list("models", ["small_cnn", "resnet20"], "Conv models (jaxprune.models).")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "shifts"], "conv_impl values to compare.")
-_SEEDS = flags.DEFINE_list("seeds", ["4", "8"], "Numbers of seeds S.")
-_STEPS = flags.DEFINE_integer("steps", 1, "Steps per call (one jitted lax.scan).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
-_SHAPE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Input H,W,C (32,32,3: CIFAR; 14,14,1: "
-                           "the stability CPU default).")
-_CHANNELS = flags.DEFINE_list("channels", [], "small_cnn conv widths (default: the model's); e.g. "
-                              "8,8,16,16,32,32 for the stability CPU default.")
-_VGG = flags.DEFINE_bool("vgg", True, "Also time one VGG11-BN step: plain flax layers vs fast.")
-_SKIP = flags.DEFINE_list("skip", [], "impl:strategy pairs not to time, e.g. xla:vmap (grouped convs "
-                          "inside a scan take minutes per call on XLA CPU).")
+from experiments.benchmarks.roofline import machine, seeds_setup, time_calls
+from jaxprune import train
 
 
 def setup(name: str, num_seeds: int, batch: int, shape: tuple[int, ...] = (32, 32, 3),
           **model_kwargs):
-    """(model, tx, states, x, y, keys): masked S-seed training on synthetic batches of `shape`."""
-    model = models.get_model(name, num_classes=10, **model_kwargs)
-    cfg = train.TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=batch)
-    tx = train.make_optimizer(cfg)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2 * batch, *shape)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 10, size=(2 * batch,)).astype(np.int32))
-
-    def init(key):
-        k1, k2 = jax.random.split(key)
-        s = train.init_state(k1, model, x[:1], tx)
-        m = pruners.random_uniform(k2, s.params, 0.5, masks.prunable_tree(s.params))
-        return train.state_from_params(k1, s.params, s.batch_stats, tx, m)
-
-    states = train.map_seeds(init, (0,), "vmap")(train.seed_keys(0, num_seeds))
+    """(model, tx, states, x, y, keys): masked S-seed training on 2 batches of synthetic `shape` inputs."""
+    model, tx, states, x, y = seeds_setup(name, num_seeds, shape, 2 * batch, **model_kwargs)
     return model, tx, states, x, y, train.seed_keys(1, num_seeds)
 
 
@@ -137,4 +109,18 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so that other benchmarks can import this module.
+    _MODELS = flags.DEFINE_list("models", ["small_cnn", "resnet20"], "Conv models (jaxprune.models).")
+    _IMPLS = flags.DEFINE_list("impls", ["xla", "shifts"], "conv_impl values to compare.")
+    _SEEDS = flags.DEFINE_list("seeds", ["4", "8"], "Numbers of seeds S.")
+    _STEPS = flags.DEFINE_integer("steps", 1, "Steps per call (one jitted lax.scan).")
+    _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration.")
+    _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+    _SHAPE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Input H,W,C (32,32,3: CIFAR; 14,14,1: "
+                               "the stability CPU default).")
+    _CHANNELS = flags.DEFINE_list("channels", [], "small_cnn conv widths (default: the model's); e.g. "
+                                  "8,8,16,16,32,32 for the stability CPU default.")
+    _VGG = flags.DEFINE_bool("vgg", True, "Also time one VGG11-BN step: plain flax layers vs fast.")
+    _SKIP = flags.DEFINE_list("skip", [], "impl:strategy pairs not to time, e.g. xla:vmap (grouped convs "
+                              "inside a scan take minutes per call on XLA CPU).")
     app.run(main)

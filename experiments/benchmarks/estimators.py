@@ -37,6 +37,7 @@ from ml_collections import config_dict, config_flags
 from tqdm import tqdm
 
 from experiments import common
+from experiments.benchmarks.roofline import time_calls
 from jaxprune import data as data_lib
 from jaxprune import estimators, masks, models, pruners, train
 
@@ -218,13 +219,7 @@ def _estimates(problem: Problem, config: config_dict.ConfigDict, name: str, key:
 
 def _plain_ms(problem: Problem, calls: int) -> float:
     plain = jax.jit(jax.value_and_grad(problem.plain_loss_fn))
-    jax.block_until_ready(plain(problem.params))
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(plain(problem.params))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return 1e3 * float(np.median(time_calls(lambda: plain(problem.params), calls)))
 
 
 def benchmark(problem: Problem, config: config_dict.ConfigDict) -> list[dict[str, Any]]:

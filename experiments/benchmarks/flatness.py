@@ -19,7 +19,6 @@ load.
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,19 +27,14 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from experiments.benchmarks.roofline import time_calls
 from jaxprune import flatness, models
 
 PyTree = Any
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up outside the timing
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * float(np.median(time_calls(fn, repeats)))  # the first, compiling call is not timed
 
 
 def run(batch_size: int = 128, num_examples: int = 64, repeats: int = 5, seed: int = 0) -> dict:

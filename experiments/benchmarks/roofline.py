@@ -223,15 +223,22 @@ def synthetic_batch(shape: Sequence[int], n: int, seed: int = 0) -> tuple[jax.Ar
     return x, y
 
 
+def seeds_setup(
+    name: str, num_seeds: int, shape: Sequence[int], examples: int, **model_kwargs: Any
+) -> tuple[Any, Any, train.TrainState, jax.Array, jax.Array]:
+    """(model, Adam tx, S-stacked masked TrainStates, x, y): `examples` synthetic inputs of `shape`."""
+    model = models.get_model(name, num_classes=10, **model_kwargs)
+    tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
+    x, y = synthetic_batch(shape, examples)
+    return model, tx, masked_states(model, tx, x[:1], train.seed_keys(0, num_seeds)), x, y
+
+
 def one_seed_setup(
     name: str, batch: int, shape: Sequence[int], **model_kwargs: Any
 ) -> tuple[Any, Any, train.TrainState, jax.Array, jax.Array]:
     """(model, Adam tx, one masked TrainState, x, y): a synthetic batch of `batch` inputs of `shape`."""
-    model = models.get_model(name, num_classes=10, **model_kwargs)
-    tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
-    x, y = synthetic_batch(shape, batch)
-    state = jax.tree.map(lambda v: v[0], masked_states(model, tx, x[:1], train.seed_keys(0, 1)))
-    return model, tx, state, x, y
+    model, tx, states, x, y = seeds_setup(name, 1, shape, batch, **model_kwargs)
+    return model, tx, jax.tree.map(lambda v: v[0], states), x, y
 
 
 def bench_model(

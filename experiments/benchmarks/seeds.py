@@ -18,40 +18,14 @@ import functools
 import platform
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from experiments.benchmarks.roofline import time_best
-from jaxprune import masks, models, pruners, train
-
-_MODELS = flags.DEFINE_list("models", ["mlp", "small_cnn"], "Model names (jaxprune.models).")
-_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "4", "8", "16"], "Numbers of seeds S.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Steps per call (0: 50 for MLPs, 3 for conv nets).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (best is reported).")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
-
-
-def _setup(name: str, num_seeds: int, batch: int):
-    model = models.get_model(name, num_classes=10)
-    cfg = train.TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=batch)
-    tx = train.make_optimizer(cfg)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(4 * batch, 28, 28, 1)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 10, size=(4 * batch,)).astype(np.int32))
-
-    def init(key):
-        k1, k2 = jax.random.split(key)
-        s = train.init_state(k1, model, x[:1], tx)
-        m = pruners.random_uniform(k2, s.params, 0.5, masks.prunable_tree(s.params))
-        return train.state_from_params(k1, s.params, s.batch_stats, tx, m)
-
-    states = train.map_seeds(init, (0,), "sequential")(train.seed_keys(0, num_seeds))
-    return model, tx, x, y, states
+from experiments.benchmarks.roofline import seeds_setup, time_best
+from jaxprune import train
 
 
 def bench(name: str, num_seeds: int, steps: int, repeats: int, batch: int) -> dict[str, float]:
-    model, tx, x, y, states = _setup(name, num_seeds, batch)
+    model, tx, states, x, y = seeds_setup(name, num_seeds, (28, 28, 1), 4 * batch)
     epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=batch, steps=steps)
     keys = train.seed_keys(1, num_seeds)
     out = {}
@@ -83,4 +57,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so that other benchmarks can import this module.
+    _MODELS = flags.DEFINE_list("models", ["mlp", "small_cnn"], "Model names (jaxprune.models).")
+    _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "4", "8", "16"], "Numbers of seeds S.")
+    _STEPS = flags.DEFINE_integer("steps", 0, "Steps per call (0: 50 for MLPs, 3 for conv nets).")
+    _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (best is reported).")
+    _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
     app.run(main)
