@@ -65,7 +65,8 @@ def make_spec(target: int = scoring.SMALLEST, permanent: bool = True, noise: int
                    jnp.bool_(cumulative), jnp.int32(window))
 
 
-stack = train.stack_seeds
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 # ----------------------------------------------------------------------------- data, model, schedule
@@ -286,7 +287,7 @@ class Runner:
     def wrap(self, states: RunState) -> Any:
         if self.strategy == "vmap":
             return states
-        return train.unstack_seeds(states)
+        return [jax.tree.map(lambda v, i=i: v[i], states) for i in range(train.num_seeds(states))]
 
     def stacked(self, states: Any) -> RunState:
         return states if self.strategy == "vmap" else stack(states)
@@ -299,12 +300,9 @@ class Runner:
         single = jax.jit(fn)
 
         def run(states, *args):
-            mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
-            per_seed = train.unstack_seeds(mapped) if mapped else [[]] * len(states)
-            outs = []
-            for s, seed_args in zip(states, per_seed):
-                it = iter(seed_args)
-                outs.append(single(s, *[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)]))
+            outs = [single(s, *[jax.tree.map(lambda v, i=i: v[i], a) if ax == 0 else a
+                                for a, ax in zip(args, in_axes)])
+                    for i, s in enumerate(states)]
             if isinstance(outs[0], tuple) and isinstance(outs[0][0], RunState):
                 return [o[0] for o in outs], stack([o[1] for o in outs])
             return stack(outs)

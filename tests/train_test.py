@@ -104,11 +104,20 @@ def test_bad_inputs():
     assert train.default_strategy("mlp", "cpu") == "vmap"
 
 
-def test_unstack_and_stack_seeds_are_inverse():
-    tree = {"w": jnp.arange(12.0).reshape(3, 2, 2), "step": jnp.array([1, 2, 3], jnp.int32)}
-    parts = train.unstack_seeds(tree)
-    assert len(parts) == 3
-    chex.assert_trees_all_equal(parts[1], {"w": tree["w"][1], "step": tree["step"][1]})
-    chex.assert_trees_all_equal(train.stack_seeds(parts), tree)
+def test_sequential_stacks_every_output_kind_like_vmap():
+    def fn(key, x, scale):  # outputs: a PRNG key, an int, floats in a nested tree
+        k1, k2 = jax.random.split(key)
+        return {"key": k1, "n": jnp.sum(x > 0).astype(jnp.int32),
+                "y": (x * scale + jax.random.normal(k2, x.shape), x.sum())}
+
+    keys, x = jax.random.split(jax.random.key(0), 3), jnp.arange(12.0).reshape(3, 4) - 5.0
+    seq = train.map_seeds(fn, (0, 0, None), "sequential")(keys, x, 2.0)
+    vm = train.map_seeds(fn, (0, 0, None), "vmap")(keys, x, 2.0)
+    chex.assert_trees_all_equal(jax.random.key_data(seq.pop("key")), jax.random.key_data(vm.pop("key")))
+    chex.assert_trees_all_close(seq, vm, rtol=1e-6)
+    assert seq["n"].dtype == jnp.int32 and seq["n"].tolist() == [0, 2, 4]  # rows -5..-2, -1..2, 3..6
+    assert not x.is_deleted() and not keys.is_deleted()  # only the internal output buffer is donated
     with pytest.raises(ValueError, match="in_axes 0"):  # nothing to map over
-        train.map_seeds(lambda x: x, (None,), "sequential")(jnp.ones(2))
+        train.map_seeds(lambda v: v, (None,), "sequential")(jnp.ones(2))
+    with pytest.raises(ValueError, match="expected 3 arguments"):
+        train.map_seeds(fn, (0, 0, None), "sequential")(keys, x)
