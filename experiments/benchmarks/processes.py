@@ -3,15 +3,16 @@
   python -m experiments.benchmarks.processes                  # ~10 min on 2 cores
   python -m experiments.benchmarks.processes --cases=resnet20_14 --seeds=4,8 --seconds=30
 
-This asks whether the CPU has idle capacity that running seeds in parallel could use: P
-processes, each pinned to its own core (`sched_setaffinity` before JAX starts, so XLA sizes its
-thread pool to one core), each training S / P seeds, share nothing but the machine. If they are no
-faster than one process running the S seeds one after another on all cores, the cores are already
-busy; vmap, sharding or threads can then only win by making the work itself cheaper (larger
-matmuls, fewer passes over memory), not by overlapping it. Every configuration runs in fresh child
-processes (`--child`); the P children of one configuration wait at a file barrier after compiling,
-then each times whole calls for `--seconds`, so their timed windows overlap. Throughput is the sum
-of the children's seed-steps/s. Cases (model, input, batch, steps per call) are `allocators.CASES`.
+This asks whether the CPU has idle capacity that running seeds in parallel could use: P processes,
+each pinned to its own core (`sched_setaffinity` before JAX starts, so XLA sizes its thread pool to
+one core), each training S / P seeds, share nothing but the machine. If they are no faster than one
+process running the S seeds one after another on all cores, the cores are already busy; vmap,
+sharding or threads can then only win by making the work itself cheaper (larger matmuls, fewer
+passes over memory), not by overlapping it. Every configuration runs in fresh child processes
+(`--child`); the P children of one configuration wait at a file barrier after compiling, then each
+times whole calls for `--seconds`, so their timed windows overlap (except the last call of one child
+may run alone: short calls against `--seconds` keep that bias small). Throughput is the sum of the
+children's seed-steps/s. Cases (model, input, batch, steps per call) are `allocators.CASES`.
 Not a test: numbers depend on the machine (header).
 """
 
