@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -97,9 +98,14 @@ def run_variant(env: dict[str, str], names: Sequence[str], repeats: int) -> dict
     base = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     proc = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[2])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {env} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return child_result(proc.returncode, proc.stdout, proc.stderr, f"child {env}")
+
+
+def child_result(returncode: int, stdout: str, stderr: str, what: str) -> Any:
+    """The last JSON line a benchmark child printed; RuntimeError with its stderr if it failed."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed ({returncode}): {stderr[-2000:]}")
     return json.loads(lines[-1])
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.benchmarks.allocators import CASES
+from experiments.benchmarks.allocators import CASES, child_result
 from experiments.benchmarks.roofline import machine, one_seed_setup
 from jaxprune import train
 
@@ -68,7 +68,7 @@ def seed_steps_per_s(
     keys = train.seed_keys(1, num_seeds)
     if strategy == "vmap":
         states = jax.tree.map(lambda v: jnp.stack([v] * num_seeds), one)
-        vmapped = jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)))
+        vmapped = train.map_seeds(epoch, (0, None, None, 0), "vmap")
 
         def call() -> Any:
             return vmapped(states, x, y, keys)
@@ -116,12 +116,12 @@ def measure(
         results = []
         for proc in children:
             out, err = proc.communicate()
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
+            try:
+                results.append(child_result(proc.returncode, out, err, f"{strategy} child"))
+            except RuntimeError:
                 for other in children:
                     other.kill()
-                raise RuntimeError(f"child failed ({proc.returncode}): {err[-2000:]}")
-            results.append(json.loads(lines[-1]))
+                raise
     return {"seed_steps_per_s": sum(r["seed_steps_per_s"] for r in results), "children": results}
 
 
