@@ -30,7 +30,7 @@ from ml_collections import config_dict
 
 from experiments import common
 from jaxprune import data as data_lib
-from jaxprune import masks, models, schedules, scoring, train
+from jaxprune import masks, models, schedules, scoring, sharding, train
 
 PyTree = Any
 
@@ -273,30 +273,41 @@ def num_correct(state: RunState, x: jax.Array, y: jax.Array, *, model) -> jax.Ar
 
 class Runner:
     """Maps single-run functions over R runs. "vmap": states are one stacked pytree and each call is
-    jit(vmap(fn)). "sequential": states are a list of R unstacked pytrees and each call runs one
-    compiled single-run program R times (no per-call slicing of the states)."""
+    jit(vmap(fn)). "sharded": the same, with the run axis split over a ("seeds", "batch") device mesh
+    (`sharding.map_seeds_sharded`; the largest divisor of R that fits the devices). "sequential":
+    states are a list of R unstacked pytrees and each call runs one compiled single-run program R
+    times (no per-call slicing of the states)."""
 
-    def __init__(self, strategy: str):
-        # Several devices: "auto" resolves to "sharded"; here that runs as one vmapped program
-        # (jit places it; explicit seed sharding for this study is not wired in yet).
-        strategy = "vmap" if strategy == "sharded" else strategy
-        if strategy not in ("vmap", "sequential"):
-            raise ValueError(f"strategy must be 'vmap' or 'sequential', got {strategy!r}")
+    def __init__(self, strategy: str, num_runs: int):
+        if strategy not in ("vmap", "sequential", "sharded"):
+            raise ValueError(f"strategy must be 'vmap', 'sequential' or 'sharded', got {strategy!r}")
         self.strategy = strategy
+        self.mesh = sharding.seed_mesh(num_runs) if strategy == "sharded" else None
+
+    def replicate(self, tree: Any) -> Any:
+        """Inputs without a run axis (the data), placed once on every device of the mesh, so that
+        sharded calls do not copy them again each step."""
+        return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
+
+    def per_run(self, tree: Any) -> Any:
+        """Inputs with a leading run axis, split over the mesh once (sharded), else unchanged."""
+        return tree if self.mesh is None else sharding.shard_seeds(tree, self.mesh)
 
     def wrap(self, states: RunState) -> Any:
-        if self.strategy == "vmap":
-            return states
+        if self.strategy != "sequential":
+            return self.per_run(states)
         return [jax.tree.map(lambda v, i=i: v[i], states) for i in range(train.num_seeds(states))]
 
     def stacked(self, states: Any) -> RunState:
-        return states if self.strategy == "vmap" else stack(states)
+        return stack(states) if self.strategy == "sequential" else states
 
     def map(self, fn, in_axes: Sequence[int | None]):
         """fn(state, *args) -> (state, aux) or aux; returns f(states, *args) -> same, aux stacked."""
         in_axes = tuple(in_axes)
         if self.strategy == "vmap":
             return jax.jit(jax.vmap(fn, in_axes=(0,) + in_axes))
+        if self.strategy == "sharded":
+            return sharding.map_seeds_sharded(fn, (0,) + in_axes, devices=self.mesh.devices.ravel())
         single = jax.jit(fn)
 
         def run(states, *args):
@@ -330,7 +341,11 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     steps = x.shape[0] // batch_size
     if steps <= 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
-    runner = Runner(strategy)
+    runner = Runner(strategy, counts.shape[0])
+    x, y = runner.replicate((x, y))
+    test_batches = [runner.replicate((xt[i:i + eval_batch_size], yt[i:i + eval_batch_size]))
+                    for i in range(0, xt.shape[0], eval_batch_size)]
+    specs = runner.per_run(specs)
     step_fn = runner.map(functools.partial(run_step, model=model, tx=tx, units=units, noise=noise),
                          (None, None, 0, 0, 0))
     correct_fn = runner.map(functools.partial(num_correct, model=model), (None, None))
@@ -340,10 +355,7 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
         data_lib.batch_indices, num_examples=x.shape[0], batch_size=batch_size, num_batches=steps)))
 
     def test_acc(st) -> np.ndarray:
-        n = xt.shape[0]
-        tot = sum(np.asarray(correct_fn(st, xt[i:i + eval_batch_size], yt[i:i + eval_batch_size]))
-                  for i in range(0, n, eval_batch_size))
-        return tot / n
+        return sum(np.asarray(correct_fn(st, xb, yb)) for xb, yb in test_batches) / xt.shape[0]
 
     num_runs, num_epochs = counts.shape[:2]
     hist = {k: np.zeros((num_runs, num_epochs), np.float64)
