@@ -63,7 +63,7 @@ def get_config() -> config_dict.ConfigDict:
     c.baseline = True  # also train an unpruned configuration
     c.scoring = "l2"  # one of gst.SCORINGS
     c.train = config_dict.create(optimizer="adam", learning_rate=1e-3, momentum=0.9, batch_size=64,
-                                 epochs=12, lr_milestones="10", eval_batch_size=1000,
+                                 epochs=12, lr_milestones="10", eval_batch_size=250,
                                  seed_strategy="auto", checkpoint_every=3)
     c.quick = False  # tests: digits, tiny CNN, 2 seeds, 4 epochs
     return c

@@ -109,6 +109,20 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(lambda v: _put(v, NamedSharding(mesh, P())), tree)
 
 
+def local_block(leaf: jax.Array, device: jax.Device) -> jax.Array:
+    """The part of a placed array that lives on `device` (a seed block, or a whole replica)."""
+    for shard in leaf.addressable_shards:
+        if shard.device == device:
+            return shard.data
+    raise ValueError(f"no shard of this array lives on {device}")
+
+
+def from_blocks(blocks: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
+    """One seed-sharded array from per-device seed blocks, in the order of the mesh's devices."""
+    shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:])
+    return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(SEEDS)), list(blocks))
+
+
 def to_host(tree: PyTree) -> PyTree:
     """numpy copies of (possibly multi-host) sharded arrays, gathered on every process."""
     if jax.process_count() > 1:

@@ -59,7 +59,7 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 0  # 0: num_train // batch_size
     eval_batch_size: int = 1000
-    seed_strategy: str = "auto"  # "auto", "vmap", "sequential" or "sharded" (several devices)
+    seed_strategy: str = "auto"  # "auto" or one of STRATEGIES ("sharded*": several devices)
     checkpoint_every: int = 1  # epochs; 0 disables checkpoints
 
     @classmethod
@@ -210,18 +210,21 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- many seeds
 
-STRATEGIES = ("vmap", "sequential", "sharded")
+STRATEGIES = ("vmap", "sequential", "sharded", "sharded_sequential")
+CONV_FREE_MODELS = ("mlp", "lenet300_100")
 
 
 def default_strategy(model_name: str, backend: str | None = None) -> str:
-    """"sharded" on several devices; else vmap, except conv nets on CPU, where XLA's batched
-    convolutions are 4-5x slower than sequential seeds (shared/ENV.md)."""
-    if jax.device_count() > 1:
-        return "sharded"
+    """vmap, except conv nets on CPU, where vmapped seeds run at 0.75-0.97x of separate runs (even as
+    batched matmuls, README "Speed and scale") and "sequential" is used. On several devices the
+    seed axis is split over them: "sharded" (vmap per device), or for conv nets on a CPU host split
+    into devices (one process) "sharded_sequential" (1.24-1.28x over one device for the small CNN
+    at 14x14 on 2 cores, where vmap per device gave 0.88-1.07x)."""
     backend = backend or jax.default_backend()
-    if backend != "cpu":
-        return "vmap"
-    return "vmap" if model_name in ("mlp", "lenet300_100") else "sequential"
+    conv_cpu = backend == "cpu" and model_name not in CONV_FREE_MODELS
+    if jax.device_count() > 1:
+        return "sharded_sequential" if conv_cpu and jax.process_count() == 1 else "sharded"
+    return "sequential" if conv_cpu else "vmap"
 
 
 def resolve_strategy(strategy: str, model_name: str) -> str:
@@ -236,12 +239,50 @@ def num_seeds(tree: PyTree) -> int:
     return int(jax.tree.leaves(tree)[0].shape[0])
 
 
+def _mapped(args: Sequence[Any], in_axes: Sequence[int | None]) -> list[Any]:
+    if len(args) != len(in_axes):
+        raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
+    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+    if not mapped:
+        raise ValueError("map_seeds needs at least one argument with in_axes 0")
+    return mapped
+
+
+def _sequential_parts(fn: Callable[..., Any], in_axes: tuple[int | None, ...]):
+    """(alloc, write): zeros shaped like the S-stacked outputs, and a donated update of row i.
+
+    Seed i is sliced inside the compiled program and its outputs written into row i of the donated
+    stacked outputs: one dispatch per seed, and compile time does not grow with S. (Slicing every
+    leaf eagerly cost ~0.2 ms per leaf: 0.1-0.2 s per call for 4 small-CNN states, 40-70 % of their
+    step; a jitted split/stack of all seeds compiled for 15-19 s at S = 56.)
+    """
+
+    def seed_args(args: Sequence[Any], i: Any) -> list[Any]:
+        return [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+
+    @jax.jit
+    def alloc(*args):
+        # fn is only traced here (once per argument shapes and devices).
+        out = jax.eval_shape(lambda *a: fn(*seed_args(a, 0)), *args)
+        s = num_seeds([a for a, ax in zip(args, in_axes) if ax == 0])
+        return jax.tree.map(lambda o: jnp.zeros((s, *o.shape), o.dtype), out)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def write(acc, i, *args):
+        return jax.tree.map(lambda a, o: a.at[i].set(o), acc, fn(*seed_args(args, i)))
+
+    return alloc, write
+
+
 def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: str) -> Callable[..., Any]:
     """Run a single-seed `fn` on S seeds: arguments with in_axes 0 carry a leading seed axis.
 
     "vmap": one compiled program `jit(vmap(fn))`. "sequential": one compiled single-seed program called
     S times, outputs stacked. "sharded": `jit(vmap(fn))` with the seed axis split over all devices
-    (and hosts), see `jaxprune.sharding`. Same numbers in every case.
+    (and hosts), see `jaxprune.sharding`. "sharded_sequential": the seed axis split over the devices
+    as in "sharded", each device running its S/d seeds as in "sequential"; dispatch is asynchronous
+    and interleaved over devices, so the devices run concurrently (one process only). Same numbers
+    in every case.
     """
     in_axes = tuple(in_axes)
     if strategy == "vmap":
@@ -250,37 +291,41 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
         from jaxprune import sharding
 
         return sharding.map_seeds_sharded(fn, in_axes)
-    if strategy != "sequential":
+    if strategy not in ("sequential", "sharded_sequential"):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-
-    def seed_args(args: Sequence[Any], i: Any) -> list[Any]:
-        return [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
-
-    @jax.jit
-    def alloc(*args):
-        # Zeros shaped like the stacked outputs; fn is only traced (once per argument shapes).
-        out = jax.eval_shape(lambda *a: fn(*seed_args(a, 0)), *args)
-        s = num_seeds([a for a, ax in zip(args, in_axes) if ax == 0])
-        return jax.tree.map(lambda o: jnp.zeros((s, *o.shape), o.dtype), out)
-
-    # Seed i is sliced inside the compiled program and its outputs written into row i of the donated
-    # stacked outputs: one dispatch per seed, and compile time does not grow with S. (Slicing every
-    # leaf eagerly cost ~0.2 ms per leaf: 0.1-0.2 s per call for 4 small-CNN states, 40-70 % of their
-    # step; a jitted split/stack of all seeds compiled for 15-19 s at S = 56.)
-    @functools.partial(jax.jit, donate_argnums=0)
-    def write(acc, i, *args):
-        return jax.tree.map(lambda a, o: a.at[i].set(o), acc, fn(*seed_args(args, i)))
+    alloc, write = _sequential_parts(fn, in_axes)
+    if strategy == "sharded_sequential":
+        return _sharded_sequential(alloc, write, in_axes)
 
     def run(*args):
-        if len(args) != len(in_axes):
-            raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
-        mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
-        if not mapped:
-            raise ValueError("map_seeds needs at least one argument with in_axes 0")
+        num = num_seeds(_mapped(args, in_axes))  # checks the arguments before tracing fn
         out = alloc(*args)
-        for i in range(num_seeds(mapped)):
+        for i in range(num):
             out = write(out, i, *args)
         return out
+
+    return run
+
+
+def _sharded_sequential(alloc, write, in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+    from jaxprune import sharding
+
+    def run(*args):
+        num = num_seeds(_mapped(args, in_axes))
+        if jax.process_count() > 1:
+            raise ValueError("seed strategy 'sharded_sequential' runs in one process; use 'sharded' "
+                             "on several hosts")
+        mesh = sharding.seed_mesh(num)
+        placed = [sharding.shard_seeds(a, mesh) if ax == 0 else sharding.replicate(a, mesh)
+                  for a, ax in zip(args, in_axes)]
+        devices = list(mesh.devices[:, 0])
+        # Each device's block of seeds (and its copy of the rest): views of the placed arrays.
+        local = [jax.tree.map(lambda v, d=d: sharding.local_block(v, d), placed) for d in devices]
+        outs = [alloc(*a) for a in local]
+        for i in range(num // len(devices)):
+            for k, a in enumerate(local):  # interleaved, so every device has work queued
+                outs[k] = write(outs[k], i, *a)
+        return jax.tree.map(lambda *blocks: sharding.from_blocks(blocks, mesh), *outs)
 
     return run
 

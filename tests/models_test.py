@@ -79,6 +79,15 @@ def test_bad_impl_raises(kwargs: dict) -> None:
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 1)))
 
 
+def test_small_cnn_input_too_small_for_its_pools_raises() -> None:
+    # 3 pools on 8x8: 4x4, 2x2, 1x1 fits; on 4x4 the third pool would see a 1x1 map (a 0-size
+    # dense input and a ZeroDivisionError in its init, before this check).
+    model = models.get_model("small_cnn", 10, channels=(2, 2, 2, 2, 2, 2), dense=4)
+    assert jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r"\(1, 1\) before pool 3 is too small"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+
+
 def _forward_conv_paths(model: nn.Module, variables: PyTree, shape: tuple) -> list[tuple[str, ...]]:
     """Kernel paths of the convs in the order the forward pass calls them (recorded by tracing)."""
     calls: list[tuple[str, ...]] = []

@@ -185,3 +185,17 @@ def test_noise_injection_quick(tmp_path):
     assert set(summary) == {"none", "prune", "zero:3", "restore:3", "gauss:3"}
     for s in summary.values():
         assert s["n"] == 2 and 0.0 < s["final_test_mean"] <= 1.0
+
+
+def test_fallback_dataset_is_not_downsampled(tmp_path):
+    """Missing Fashion-MNIST files: the fallback (digits, 8x8) keeps its resolution; the 2x
+    downsample meant for 28x28 made it 4x4, too small for the CPU default CNN."""
+    from ml_collections import config_dict
+
+    c = config_dict.create(name="fashion_mnist", data_dir=str(tmp_path), num_train=64, num_test=32,
+                           num_samples=0, downsample=2, fallback="digits")
+    ds = gst.load_data(c)
+    assert ds.name == "digits" and ds.train.x.shape[1:3] == (8, 8)
+    c.fallback = ""
+    with pytest.raises(Exception, match="not found"):
+        gst.load_data(c)

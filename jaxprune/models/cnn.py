@@ -68,6 +68,10 @@ class SmallCNN(nn.Module):
                 x = batch_norm(train, f"bn{i + 1}")(x)
             x = nn.relu(x)
             if i % 2 == 1:
+                if min(x.shape[1:-1]) < 2:
+                    raise ValueError(f"input map {x.shape[1:-1]} before pool {i // 2 + 1} is too small "
+                                     f"for the {len(self.channels) // 2} 2x2 pools of channels="
+                                     f"{tuple(self.channels)}")
                 x = max_pool(x, self.pool_impl)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.dense, name="dense1")(x))
