@@ -185,7 +185,11 @@ def test_processes_benchmark_pins_children_and_checks_inputs(tmp_path) -> None:
     case = {"model": "mlp", "shape": [8, 8, 1], "batch": 16, "steps": 2, "kwargs": {"widths": [8]}}
     cores = len(os.sched_getaffinity(0))
     one = processes.measure(case, "vmap", 2, 1, 0.1)
-    assert [c["cpus"] for c in one["children"]] == [cores]
+    assert [(c["cpus"], c["devices"]) for c in one["children"]] == [(cores, 1)]
+    split = processes.measure(case, "sharded_sequential", 2, 1, 0.1)  # one XLA device per core
+    assert [(c["cpus"], c["devices"]) for c in split["children"]] == [(cores, cores)]
+    with pytest.raises(ValueError, match="one process"):
+        processes.measure(case, "sharded_sequential", 2, 2, 0.1)
     if cores >= 2:
         two = processes.measure(case, "runs", 2, 2, 0.1)
         assert [c["cpus"] for c in two["children"]] == [1, 1]  # each child pinned to one core

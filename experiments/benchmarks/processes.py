@@ -37,7 +37,9 @@ from experiments.benchmarks.allocators import CASES, child_result
 from experiments.benchmarks.roofline import machine, one_seed_setup
 from jaxprune import train
 
-STRATEGIES = ("runs", "vmap")  # S single-seed jitted calls, or one jit(vmap) over the S seeds
+# S single-seed jitted calls, one jit(vmap) over the S seeds, or (one process split into one XLA
+# host device per core) train.map_seeds "sharded_sequential": each device runs its seeds in turn.
+STRATEGIES = ("runs", "vmap", "sharded_sequential")
 BARRIER_TIMEOUT_S = 900.0
 
 
@@ -66,12 +68,12 @@ def seed_steps_per_s(
     steps = case["steps"]
     epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=case["batch"], steps=steps)
     keys = train.seed_keys(1, num_seeds)
-    if strategy == "vmap":
+    if strategy in ("vmap", "sharded_sequential"):
         states = jax.tree.map(lambda v: jnp.stack([v] * num_seeds), one)
-        vmapped = train.map_seeds(epoch, (0, None, None, 0), "vmap")
+        mapped = train.map_seeds(epoch, (0, None, None, 0), strategy)
 
         def call() -> Any:
-            return vmapped(states, x, y, keys)
+            return mapped(states, x, y, keys)
     else:
         single = jax.jit(epoch)
 
@@ -87,7 +89,7 @@ def seed_steps_per_s(
         calls += 1
     elapsed = time.perf_counter() - start
     return {"seed_steps_per_s": calls * num_seeds * steps / elapsed, "calls": calls, "seconds": elapsed,
-            "cpus": len(os.sched_getaffinity(0))}
+            "cpus": len(os.sched_getaffinity(0)), "devices": jax.device_count()}
 
 
 def measure(
@@ -95,7 +97,8 @@ def measure(
 ) -> dict[str, Any]:
     """Total seed-steps/s of `num_seeds` seeds split evenly over `procs` children.
 
-    procs = 1: one child on every core of this process; procs > 1: child i pinned to core i.
+    procs = 1: one child on every core of this process (for "sharded_sequential" split into one
+    XLA host device per core); procs > 1: child i pinned to core i.
     """
     if procs < 1 or num_seeds % procs:
         raise ValueError(f"{num_seeds} seeds cannot be split evenly over {procs} processes")
@@ -103,6 +106,12 @@ def measure(
     if procs > len(cores):
         raise ValueError(f"{procs} processes but only {len(cores)} cores available")
     root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    if strategy == "sharded_sequential":
+        if procs > 1:
+            raise ValueError("sharded_sequential is timed in one process (procs = 1)")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={len(cores)}").strip()
     with tempfile.TemporaryDirectory() as barrier_dir:
         children = []
         for i in range(procs):
@@ -112,7 +121,7 @@ def measure(
                    f"--child_seeds={num_seeds // procs}", f"--seconds={seconds}",
                    f"--child_barrier={barrier_dir},{i},{procs}", f"--child_core={core}"]
             children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True, cwd=root))
+                                             text=True, cwd=root, env=env))
         results = []
         for proc in children:
             out, err = proc.communicate()
@@ -148,18 +157,21 @@ def main(argv: Sequence[str]) -> None:
     procs = _PROCS.value or len(os.sched_getaffinity(0))
     print(f"# processes benchmark: {machine()}; {procs} single-core processes vs one process; "
           f"each configuration timed for {_SECONDS.value:.0f} s in fresh processes")
-    print(f"| case | S | 1 process: runs (seed-steps/s) | 1 process: vmap | {procs} x 1 core: runs "
-          f"| {procs} x 1 core: vmap | vmap / runs | best of {procs} procs / runs |")
-    print("|---" * 8 + "|")
+    print(f"| case | S | 1 process: runs (seed-steps/s) | 1 process: vmap | 1 process, {procs} "
+          f"devices: sharded_sequential | {procs} x 1 core: runs | {procs} x 1 core: vmap | "
+          f"vmap / runs | sharded_sequential / runs | best of {procs} procs / runs |")
+    print("|---" * 10 + "|")
+    configs = [(1, st) for st in STRATEGIES] + [(procs, st) for st in ("runs", "vmap")]
     for name in _CASES.value:
         for s in map(int, _SEEDS.value):
             r = {(p, st): measure(case_dict(name), st, s, p, _SECONDS.value)["seed_steps_per_s"]
-                 for p in (1, procs) for st in STRATEGIES}
+                 for p, st in configs}
             base = r[(1, "runs")]
-            best_procs = max(r[(procs, st)] for st in STRATEGIES)
-            print(f"| {name} | {s} | {base:.2f} | {r[(1, 'vmap')]:.2f} | {r[(procs, 'runs')]:.2f} | "
-                  f"{r[(procs, 'vmap')]:.2f} | {r[(1, 'vmap')] / base:.2f} | {best_procs / base:.2f} |",
-                  flush=True)
+            best_procs = max(r[(procs, "runs")], r[(procs, "vmap")])
+            print(f"| {name} | {s} | {base:.2f} | {r[(1, 'vmap')]:.2f} | "
+                  f"{r[(1, 'sharded_sequential')]:.2f} | {r[(procs, 'runs')]:.2f} | "
+                  f"{r[(procs, 'vmap')]:.2f} | {r[(1, 'vmap')] / base:.2f} | "
+                  f"{r[(1, 'sharded_sequential')] / base:.2f} | {best_procs / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
