@@ -218,8 +218,8 @@ def default_strategy(model_name: str, backend: str | None = None) -> str:
     """vmap, except conv nets on CPU, where vmapped seeds run at 0.75-0.97x of separate runs (even as
     batched matmuls, README "Speed and scale") and "sequential" is used. On several devices the
     seed axis is split over them: "sharded" (vmap per device), or for conv nets on a CPU host split
-    into devices (one process) "sharded_sequential" (1.24-1.28x over one device for the small CNN
-    at 14x14 on 2 cores, where vmap per device gave 0.88-1.07x)."""
+    into devices (one process) "sharded_sequential" (0.95-1.24x of one device on 2 cores, gaining
+    only where one seed leaves a core idle; vmap per device gave 0.88-1.07x)."""
     backend = backend or jax.default_backend()
     conv_cpu = backend == "cpu" and model_name not in CONV_FREE_MODELS
     if jax.device_count() > 1:
