@@ -8,7 +8,9 @@ each pinned to its own core (`sched_setaffinity` before JAX starts, so XLA sizes
 one core), each training S / P seeds, share nothing but the machine. If they are no faster than one
 process running the S seeds one after another on all cores, the cores are already busy; vmap,
 sharding or threads can then only win by making the work itself cheaper (larger matmuls, fewer
-passes over memory), not by overlapping it. Every configuration runs in fresh child processes
+passes over memory), not by overlapping it. A third one-process column splits the process into one
+XLA host device per core and runs `train.map_seeds(..., "sharded_sequential")`: the in-process way
+to overlap seeds. Every configuration runs in fresh child processes
 (`--child`); the P children of one configuration wait at a file barrier after compiling, then each
 times whole calls for `--seconds`, so their timed windows overlap (except the last call of one child
 may run alone: short calls against `--seconds` keep that bias small). Throughput is the sum of the
