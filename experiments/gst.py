@@ -293,7 +293,8 @@ class Runner:
         self.devices = (list(self.mesh.devices[:, 0]) if self.mesh is not None
                         else [jax.devices()[0]])
         # Run indices as scalars on their run's device, made once (a Python int is sent every call).
-        self.ids = [jax.device_put(jnp.int32(i), self.device(i)) for i in range(num_runs)]
+        self.ids = [jax.device_put(jnp.int32(i), self.device(i))
+                    for i in range(num_runs if self.listed else 0)]
 
     def device(self, i: int) -> jax.Device:
         return self.devices[i % len(self.devices)]
@@ -310,7 +311,7 @@ class Runner:
     def wrap(self, states: RunState) -> Any:
         if not self.listed:
             return self.per_run(states)
-        one = jax.jit(lambda st, i: jax.tree.map(lambda v: v[i], st))
+        one = jax.jit(lambda st, i: train.seed_slice([st], (0,), i)[0])
         return [jax.device_put(one(states, jnp.int32(i)), self.device(i))
                 for i in range(train.num_seeds(states))]
 
@@ -329,8 +330,7 @@ class Runner:
 
         @jax.jit
         def single(state, i, *args):
-            return fn(state, *[jax.tree.map(lambda v: v[i], a) if ax == 0 else a
-                               for a, ax in zip(args, in_axes)])
+            return fn(state, *train.seed_slice(args, in_axes, i))
 
         def local(a: Any, d: jax.Device) -> Any:
             # This device's replica of a replicated input; others are copied once per call here

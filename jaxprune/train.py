@@ -248,6 +248,12 @@ def _mapped(args: Sequence[Any], in_axes: Sequence[int | None]) -> list[Any]:
     return mapped
 
 
+def seed_slice(args: Sequence[Any], in_axes: Sequence[int | None], i: Any) -> list[Any]:
+    """Seed i of the arguments with in_axes 0 (the others as they are); `i` may be traced, so one
+    compiled program serves every seed."""
+    return [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+
+
 def _sequential_parts(fn: Callable[..., Any], in_axes: tuple[int | None, ...]):
     """(alloc, write): zeros shaped like the S-stacked outputs, and a donated update of row i.
 
@@ -257,19 +263,16 @@ def _sequential_parts(fn: Callable[..., Any], in_axes: tuple[int | None, ...]):
     step; a jitted split/stack of all seeds compiled for 15-19 s at S = 56.)
     """
 
-    def seed_args(args: Sequence[Any], i: Any) -> list[Any]:
-        return [jax.tree.map(lambda v: v[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
-
     @jax.jit
     def alloc(*args):
         # fn is only traced here (once per argument shapes and devices).
-        out = jax.eval_shape(lambda *a: fn(*seed_args(a, 0)), *args)
+        out = jax.eval_shape(lambda *a: fn(*seed_slice(a, in_axes, 0)), *args)
         s = num_seeds([a for a, ax in zip(args, in_axes) if ax == 0])
         return jax.tree.map(lambda o: jnp.zeros((s, *o.shape), o.dtype), out)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def write(acc, i, *args):
-        return jax.tree.map(lambda a, o: a.at[i].set(o), acc, fn(*seed_args(args, i)))
+        return jax.tree.map(lambda a, o: a.at[i].set(o), acc, fn(*seed_slice(args, in_axes, i)))
 
     return alloc, write
 
