@@ -26,7 +26,8 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
     `jaxprune.sharding.initialize_from_env()` (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
     JAX_PROCESS_ID, or SLURM / Open MPI with more than one task; nothing for one process), so the
     same command uses one device, all devices of a host, or all hosts: with several devices,
-    seed_strategy="auto" resolves to "sharded" (seeds split over every device, jaxprune.sharding).
+    seed_strategy="auto" resolves to "sharded" (seeds split over every device, jaxprune.sharding;
+    "sharded_sequential" for conv nets on the CPU devices of one process).
     Safe to call twice.
     """
     from jaxprune import sharding
