@@ -1,10 +1,12 @@
 """Masked training of many seeds at once.
 
-Write init and step for ONE seed; `map_seeds` runs S seeds either as one vmapped program or as S calls of
-one compiled single-seed program (`strategy="sequential"`): both give the same numbers. XLA on CPU runs a
-vmapped convolution 4-5x slower than the seeds one after another (shared/ENV.md), and even as batched
-matmuls (conv_impl "shifts") vmapped conv seeds run at 0.75-0.97x of separate runs on 2 cores (README,
-"Speed and scale"), so `default_strategy` picks sequential for conv nets on CPU and vmap elsewhere.
+Write init and step for ONE seed; `map_seeds` runs S seeds either as one vmapped program or as S
+calls of one compiled single-seed program (`strategy="sequential"`), or either of them with the
+seeds split over devices ("sharded", "sharded_sequential"): all give the same numbers up to float
+reassociation. XLA on CPU runs a vmapped convolution 4-5x slower than the seeds one after another
+(shared/ENV.md), and even as batched matmuls (conv_impl "shifts") vmapped conv seeds run at
+0.75-0.98x of separate runs on 2 cores (README, "Speed and scale"), so `default_strategy` picks
+sequential for conv nets on CPU and vmap elsewhere.
 
 Masked weights stay exactly zero: the gradient is masked and the mask re-applied after every update.
 `fit` is the host loop: an epoch is one jitted `lax.scan` over batches; between epochs it evaluates,
