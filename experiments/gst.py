@@ -287,9 +287,7 @@ class Runner:
     def __init__(self, strategy: str, num_runs: int):
         if strategy not in train.STRATEGIES:
             raise ValueError(f"strategy must be one of {train.STRATEGIES}, got {strategy!r}")
-        if strategy == "sharded_sequential" and jax.process_count() > 1:
-            raise ValueError("seed strategy 'sharded_sequential' runs in one process; use 'sharded' "
-                             "on several hosts")
+        train.check_processes(strategy)
         self.strategy = strategy
         self.mesh = sharding.seed_mesh(num_runs) if strategy.startswith("sharded") else None
         self.listed = strategy in ("sequential", "sharded_sequential")

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxprune import train
+
 PyTree = Any
 
 SEEDS = "seeds"
@@ -132,13 +134,6 @@ def to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(np.asarray, tree)
 
 
-def _num_seeds(args: Sequence[Any], in_axes: Sequence[int | None]) -> int:
-    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
-    if not mapped:
-        raise ValueError("map_seeds_sharded needs at least one argument with in_axes 0")
-    return int(jax.tree.leaves(mapped)[0].shape[0])
-
-
 def map_seeds_sharded(
     fn: Callable[..., Any],
     in_axes: Sequence[int | None],
@@ -159,9 +154,7 @@ def map_seeds_sharded(
     compiled: dict[int, Callable[..., Any]] = {}
 
     def run(*args: Any) -> Any:
-        if len(args) != len(in_axes):
-            raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
-        mesh = seed_mesh(_num_seeds(args, in_axes), batch_shards, devices)
+        mesh = seed_mesh(train.seed_count(args, in_axes), batch_shards, devices)
         placed = [shard_seeds(a, mesh) if ax == 0 else replicate(a, mesh) for a, ax in zip(args, in_axes)]
         n = mesh.shape[SEEDS]
         if n not in compiled:

@@ -237,17 +237,26 @@ def resolve_strategy(strategy: str, model_name: str) -> str:
     return strategy
 
 
+def check_processes(strategy: str) -> None:
+    """ValueError if `strategy` cannot run on this many processes ("sharded_sequential": one)."""
+    if strategy == "sharded_sequential" and jax.process_count() > 1:
+        raise ValueError("seed strategy 'sharded_sequential' runs in one process; use 'sharded' "
+                         "on several hosts")
+
+
 def num_seeds(tree: PyTree) -> int:
     return int(jax.tree.leaves(tree)[0].shape[0])
 
 
-def _mapped(args: Sequence[Any], in_axes: Sequence[int | None]) -> list[Any]:
+def seed_count(args: Sequence[Any], in_axes: Sequence[int | None]) -> int:
+    """S, the leading axis of the in_axes-0 arguments; ValueError on a wrong argument count or when
+    nothing is mapped (checked before any tracing)."""
     if len(args) != len(in_axes):
         raise ValueError(f"expected {len(in_axes)} arguments, got {len(args)}")
     mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
     if not mapped:
         raise ValueError("map_seeds needs at least one argument with in_axes 0")
-    return mapped
+    return num_seeds(mapped)
 
 
 def seed_slice(args: Sequence[Any], in_axes: Sequence[int | None], i: Any) -> list[Any]:
@@ -303,7 +312,7 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
         return _sharded_sequential(alloc, write, in_axes)
 
     def run(*args):
-        num = num_seeds(_mapped(args, in_axes))  # checks the arguments before tracing fn
+        num = seed_count(args, in_axes)  # checks the arguments before tracing fn
         out = alloc(*args)
         for i in range(num):
             out = write(out, i, *args)
@@ -316,10 +325,8 @@ def _sharded_sequential(alloc, write, in_axes: tuple[int | None, ...]) -> Callab
     from jaxprune import sharding
 
     def run(*args):
-        num = num_seeds(_mapped(args, in_axes))
-        if jax.process_count() > 1:
-            raise ValueError("seed strategy 'sharded_sequential' runs in one process; use 'sharded' "
-                             "on several hosts")
+        num = seed_count(args, in_axes)
+        check_processes("sharded_sequential")
         mesh = sharding.seed_mesh(num)
         placed = [sharding.shard_seeds(a, mesh) if ax == 0 else sharding.replicate(a, mesh)
                   for a, ax in zip(args, in_axes)]
