@@ -10,7 +10,8 @@ For each prior fraction α (host loop) and S seeds at once:
   2. prior, from S_α only: train an MLP, prune it (magnitude), run PFT on the mask; smooth p_P to
      [ε, 1-ε]; prior weight scale σ_P from a grid;
   3. for each variant (mask / gauss / both): minimise every objective in `objectives` from Q = P,
-     one compiled program vmapped over seeds x (ε, σ_P) grid x objectives;
+     one compiled program vmapped over (ε, σ_P) grid x objectives, mapped over seeds with
+     `seed_strategy` (as every seed-axis stage here: "sharded" splits the seeds over devices/hosts);
   4. per seed and objective keep the grid point with the lowest final objective (union bound over
      all |alphas| x |grid| values looked at), and certify it: M Monte Carlo 0-1 samples on the bound
      set (default: a fresh network h ~ Q per example, mc_repeats passes, M = mc_repeats n; or
@@ -134,17 +135,18 @@ def _sb_config(c: config_dict.ConfigDict, variant: str, grid_size: int) -> sb.SB
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_fit(model, cfg: sb.SBConfig, prunable_items: tuple, treedef: Any):
-    """jit(vmap seeds (vmap grid (vmap objectives (fit)))); cached across alphas."""
+def _compiled_fit(model, cfg: sb.SBConfig, prunable_items: tuple, treedef: Any, strategy: str):
+    """map_seeds(vmap grid (vmap objectives (fit))) over the seed axis with `strategy` ("sharded":
+    each device or host optimises only its seeds' bounds); cached across alphas."""
     prunable = jax.tree.unflatten(treedef, list(prunable_items))
 
-    def one(key, params, logits, eps, log_std, x, y, n, obj):
+    def fit_bound(key, params, logits, eps, log_std, x, y, n, obj):
         prior = sb.make_prior(params, logits, prunable, eps, log_std)
         return sb.fit(key, prior, x, y, n, obj, model=model, cfg=cfg, prunable=prunable)
 
-    over_obj = jax.vmap(one, in_axes=(None, None, None, None, None, None, None, None, 0))
+    over_obj = jax.vmap(fit_bound, in_axes=(None, None, None, None, None, None, None, None, 0))
     over_grid = jax.vmap(over_obj, in_axes=(None, None, None, 0, 0, None, None, None, None))
-    return jax.jit(jax.vmap(over_grid, in_axes=(0, 0, 0, None, None, None, None, None, None)))
+    return train.map_seeds(over_grid, (0, 0, 0, None, None, None, None, None, None), strategy)
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -193,7 +195,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             grid_size = len(alphas) * len(grid)  # every value looked at, over all alphas
             scfg = _sb_config(c, variant, grid_size)
             flat, treedef = jax.tree.flatten(prunable)
-            fit_fn = _compiled_fit(model, scfg, tuple(flat), treedef)
+            fit_fn = _compiled_fit(model, scfg, tuple(flat), treedef, strategy)
             eps_G = jnp.asarray([g[0] for g in grid], jnp.float32)
             ls_G = jnp.log(jnp.asarray([g[1] for g in grid], jnp.float32))
             t0 = time.perf_counter()
@@ -206,23 +208,24 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             posts = jax.tree.map(lambda v: v[np.arange(c.num_seeds)[:, None], sel,
                                              np.arange(len(objectives))[None, :]], st.posterior)
             # KL(Q‖P) of every selected (seed, objective) in one compiled call.
-            kl_fn = jax.jit(jax.vmap(jax.vmap(
+            kl_fn = train.map_seeds(jax.vmap(
                 lambda q, w, s, e, ls: sb.kl_divergence(q, sb.make_prior(w, s, prunable, e, ls), prunable,
-                                                        variant), in_axes=(0, None, None, 0, 0))))
+                                                        variant), in_axes=(0, None, None, 0, 0)),
+                (0, 0, 0, 0, 0), strategy)
             kl_SO = np.asarray(kl_fn(posts, pst.params, pst.logits, eps_G[sel], ls_G[sel]), np.float64)
             t0 = time.perf_counter()
             err_SOM = _mc_errors(c, keys["mc"], posts, x_bound, y_bound, model=model,
                                  prunable=prunable, variant=variant, networks_per_batch=npb,
-                                 desc=f"MC certificate {variant} α={alpha}")
+                                 strategy=strategy, desc=f"MC certificate {variant} α={alpha}")
             mc_s = time.perf_counter() - t0
-            test_fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
+            test_fn = train.map_seeds(jax.vmap(functools.partial(
                 sb.sampled_errors, model=model, prunable=prunable, variant=variant,
                 num_networks=int(c.test_samples), networks_per_batch=npb),
-                in_axes=(None, 0, None, None)), in_axes=(0, 0, None, None)))
+                in_axes=(None, 0, None, None)), (0, 0, None, None), strategy)
             stoch_SO = np.asarray(test_fn(keys["test"], posts, xt, yt).mean(-1))
-            thr_fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
+            thr_fn = train.map_seeds(jax.vmap(functools.partial(
                 sb.threshold_error, model=model, prunable=prunable), in_axes=(0, None, None)),
-                in_axes=(0, None, None)))
+                (0, None, None), strategy)
             thr_SO = np.asarray(thr_fn(posts, xt, yt))
             dens_SO = np.asarray(jax.vmap(jax.vmap(lambda p: pft.density(p.mask_logits, prunable)))(posts))
             for o, obj in enumerate(objectives):
@@ -251,7 +254,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, y: jax.Array, *,
-               model, prunable, variant: str, networks_per_batch: int | None, desc: str) -> np.ndarray:
+               model, prunable, variant: str, networks_per_batch: int | None, strategy: str,
+               desc: str) -> np.ndarray:
     """(S, O, M) Monte Carlo samples for the certificate of every (seed, objective), with a progress
     bar over host chunks (chunk i uses the keys fold_in(key, i), so all draws are independent).
 
@@ -266,8 +270,8 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
     # x, y are jit arguments, not closed-over constants (XLA would constant-fold the whole bound set).
     axes = (None, 0, None, None)
     if c.mc_scheme == "per_example":
-        fn = jax.jit(jax.vmap(jax.vmap(functools.partial(sb.per_example_errors, repeats=1, **kw),
-                                       in_axes=axes), in_axes=(0, 0, None, None)))
+        fn = train.map_seeds(jax.vmap(functools.partial(sb.per_example_errors, repeats=1, **kw),
+                                      in_axes=axes), (0, 0, None, None), strategy)
         out = [np.asarray(fn(fold(keys, i), posts, x, y))[:, :, 0]
                for i in tqdm(range(int(c.mc_repeats)), desc=desc, unit="repeat")]
         return np.concatenate(out, axis=-1)
@@ -275,9 +279,9 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
         raise ValueError(f"mc_scheme must be 'per_example' or 'networks', got {c.mc_scheme!r}")
     num = int(c.mc_samples)
     chunk = min(int(c.mc_chunk), num) if int(c.mc_chunk) > 0 else num
-    fn = jax.jit(jax.vmap(jax.vmap(functools.partial(
+    fn = train.map_seeds(jax.vmap(functools.partial(
         sb.sampled_errors, num_networks=chunk, networks_per_batch=networks_per_batch, **kw),
-        in_axes=axes), in_axes=(0, 0, None, None)))
+        in_axes=axes), (0, 0, None, None), strategy)
     out = [np.asarray(fn(fold(keys, i), posts, x, y))
            for i in tqdm(range(-(-num // chunk)), desc=desc, unit=f"x{chunk} nets")]
     return np.concatenate(out, axis=-1)[..., :num]

@@ -15,8 +15,9 @@ same program everywhere; `jax.devices()` then lists every host's devices and the
 hosts interleaved so that S seeds on fewer devices still use every host. Host-side inputs must be
 the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
 replicated outputs there, so host code can read them with numpy; `to_host` gathers other sharded
-arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines quick: the
-single-process numbers); not yet on real hosts.
+arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines, stability and
+pac_bayes quick presets: the single-process numbers); not yet on real hosts. The workdir must be
+shared by all processes (orbax's checkpoints wait for process 0's directories).
 """
 
 from __future__ import annotations
