@@ -64,7 +64,8 @@ def fisher_z_ci(r: float, n: int, confidence: float = 0.95) -> Interval:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if n <= 3:
         return Interval(float("nan"), float("nan"))
-    z = np.arctanh(np.clip(r, -1.0, 1.0))
+    with np.errstate(divide="ignore"):  # |r| = 1: z = +-inf, and the interval is the point (r, r)
+        z = np.arctanh(np.clip(r, -1.0, 1.0))
     half = sps.norm.ppf(0.5 + confidence / 2) / np.sqrt(n - 3)
     return Interval(float(np.tanh(z - half)), float(np.tanh(z + half)))
 

@@ -148,7 +148,8 @@ def test_joint_param_grads_unbiased(sampled: dict, exact: est_lib.Estimate) -> N
             z = _z(g, np.asarray(exact.param_grads[layer][leaf]).reshape(-1))
             assert z.max() < 4.0, (layer, leaf, z)
     # Same logit gradients as without params (same key, same masks).
-    chex.assert_trees_all_close(est.grads, sampled["rloo"].grads, rtol=1e-6)
+    # atol: the two are different compiled programs (jax 0.12 reassociates to ~2e-7 near zero).
+    chex.assert_trees_all_close(est.grads, sampled["rloo"].grads, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", HARD_FORWARD)

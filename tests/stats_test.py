@@ -1,6 +1,7 @@
 """Host-side statistics against scipy and hand computations."""
 
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -35,6 +36,10 @@ def test_fisher_z_ci_by_hand():
         -0.5025, abs=1e-3
     )
     assert np.isnan(stats.fisher_z_ci(0.5, 3).low)
+    # A perfect correlation (a 2-point stability quick run can give one): the interval is the point.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuple(stats.fisher_z_ci(-1.0, 10)) == (-1.0, -1.0)
     # Sanity check of the notes: r = -0.73 with n = 30 gives p ~ 4.7e-6 (paper: 4.4e-6).
     t = -0.73 * math.sqrt(28 / (1 - 0.73**2))
     assert 2 * sps.t.sf(abs(t), 28) == pytest.approx(4.7e-6, rel=0.05)
