@@ -61,7 +61,8 @@ def parse_list(value: str | Sequence[Any], cast: type = str) -> list[Any]:
     return [cast(v) for v in value]
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """Arrays and numpy scalars as plain Python values (lists, floats, ints)."""
     if isinstance(v, (np.ndarray, jax.Array)):
         return np.asarray(v).tolist()
     if isinstance(v, (np.floating, np.integer)):
@@ -71,7 +72,7 @@ def _jsonable(v: Any) -> Any:
 
 def write_records(workdir: str, name: str, records: Iterable[Mapping[str, Any]]) -> None:
     """`name`.jsonl (one JSON object per record) and `name`.csv (lists stored as JSON strings)."""
-    records = [{k: _jsonable(v) for k, v in r.items()} for r in records]
+    records = [{k: jsonable(v) for k, v in r.items()} for r in records]
     with open(os.path.join(workdir, f"{name}.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

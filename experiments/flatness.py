@@ -24,7 +24,11 @@ Then correlates every measure with mean stability and with generalisation (best 
 
 Runs are measured one after another with one compiled program per measure (on XLA CPU, vmapping
 conv nets over runs was 3.5x slower, and HVPs inside `lax` loops ~3.4x slower than jitted calls from
-Python; README "Flatness vs stability"). Runtime of the README's CPU run (56 runs, reduced
+Python; README "Flatness vs stability"). With several devices (GPUs, hosts, or a CPU split into XLA
+devices) the runs are split over them (`split_runs`): each device measures its runs with the same
+single-run programs, so every row equals the one-device row; with several processes
+(`jax.distributed`, shared workdir) each process measures its devices' runs and the rows are
+exchanged through the workdir. Runtime of the README's CPU run (56 runs, reduced
 probes and iterations): 25 min wall under load average 5-9 on the shared 2 cores, ~6 min of it
 compilation. The defaults (100 probes, 40 Lanczos steps, top-10, ...) are sized for a GPU.
 
@@ -39,6 +43,7 @@ eigenvalues per configuration).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -53,7 +58,7 @@ from jax.flatten_util import ravel_pytree
 from ml_collections import config_dict, config_flags
 
 from experiments import common, gst, stability
-from jaxprune import flatness, masks, stats, train
+from jaxprune import flatness, masks, sharding, stats, train
 
 PyTree = Any
 MEASURES = ("hutchinson", "hutchpp", "lanczos", "power", "covariance", "tic", "sharpness")
@@ -92,6 +97,9 @@ def get_config() -> config_dict.ConfigDict:
     # params; the reshape pool's second derivative divides by a tie count that is NaN under
     # jax_disable_most_optimizations (the tests' fast_compile), "xla" is safe there.
     c.pool_impl = ""
+    # Runs split over every device of every process (run j of the list on device j mod d, hosts
+    # interleaved; one thread per local device); False measures everything on the default device.
+    c.split_runs = True
     c.quick = False  # tests: 64 examples, few probes and iterations
     return c
 
@@ -261,6 +269,35 @@ def measure_run(fn: Measurer, c: config_dict.ConfigDict, key: jax.Array, state: 
 # ----------------------------------------------------------------------------- the study
 
 
+def assign_runs(idx: list[int]) -> dict[jax.Device, list[int]]:
+    """This process's devices and their runs: run idx[j] goes to device j mod d of all d devices,
+    hosts interleaved (`sharding.seed_mesh`), so every process computes the same assignment."""
+    devices = list(sharding.seed_mesh().devices[:, 0])
+    work: dict[jax.Device, list[int]] = {}
+    for j, i in enumerate(idx):
+        d = devices[j % len(devices)]
+        if d.process_index == jax.process_index():
+            work.setdefault(d, []).append(i)
+    return work
+
+
+def _exchange_rows(workdir: str, rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Every process's rows, on every process, through files in the (shared) workdir."""
+    from jax.experimental import multihost_utils
+
+    parts = os.path.join(workdir, "parts")
+    os.makedirs(parts, exist_ok=True)
+    with open(os.path.join(parts, f"measures_{jax.process_index()}.json"), "w") as f:
+        json.dump({str(i): {k: common.jsonable(v) for k, v in r.items()} for i, r in rows.items()}, f)
+    multihost_utils.sync_global_devices("flatness rows written")
+    out: dict[int, dict[str, Any]] = {}
+    for p in range(jax.process_count()):
+        with open(os.path.join(parts, f"measures_{p}.json")) as f:
+            out.update({int(i): r for i, r in json.load(f).items()})
+    multihost_utils.sync_global_devices("flatness rows read")
+    return out
+
+
 def _check_stability(wd: str) -> None:
     missing = [f for f in ("config.json", "runs.jsonl") if not os.path.exists(os.path.join(wd, f))]
     if missing:
@@ -297,13 +334,37 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     xt, yt = jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
     data = dict(x=xt[: c.num_examples], y=yt[: c.num_examples], x_all=xt, y_all=yt)
     idx = common.parse_list(c.runs, int) if c.runs else list(range(len(recs)))
+    if not idx or not all(0 <= i < len(recs) for i in idx):
+        raise ValueError(f"runs={c.runs!r}: indices must lie in [0, {len(recs)})")
     fn = Measurer(c, model)
     base_key = jax.random.key(c.seed)
-    rows = []
-    for i in tqdm(idx, desc=f"flatness ({len(idx)} runs)"):
-        state = jax.tree.map(lambda v, i=i: v[i], states.train)
-        meta = {k: v for k, v in recs[i].items() if k not in ("checkpoint",)}
-        rows.append({**meta, **measure_run(fn, c, jax.random.fold_in(base_key, i), state, data, i)})
+    work = assign_runs(idx) if c.split_runs else {jax.devices()[0]: list(idx)}
+    bar = tqdm(total=sum(map(len, work.values())),
+               desc=f"flatness ({len(idx)} runs, {len(work)} local devices)")
+    done: dict[int, dict[str, Any]] = {}
+    placement: dict[int, int] = {}  # run -> id of the device that measured it (this process)
+
+    def measure_on(device: jax.Device, runs: list[int]) -> None:
+        put = functools.partial(jax.device_put, device=device)  # inputs committed: jit runs there
+        data_d = put(data)
+        for i in runs:
+            state = put(jax.tree.map(lambda v, i=i: v[i], states.train))
+            meta = {k: v for k, v in recs[i].items() if k not in ("checkpoint",)}
+            done[i] = {**meta, **measure_run(fn, c, put(jax.random.fold_in(base_key, i)), state,
+                                             data_d, i)}
+            placement[i] = device.id
+            bar.update()
+
+    if len(work) == 1:
+        measure_on(*next(iter(work.items())))
+    else:  # one thread per device: dispatch releases the GIL, so the devices run concurrently
+        with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
+            for f in [pool.submit(measure_on, d, r) for d, r in work.items()]:
+                f.result()
+    bar.close()
+    if jax.process_count() > 1:
+        done = _exchange_rows(workdir, done)
+    rows = [done[i] for i in idx]
     common.write_records(workdir, "measures", rows)
     timing = [dict(measure=n, calls=len(t), first_s=t[0], median_s=float(np.median(t[1:] or t)),
                    total_s=float(np.sum(t))) for n, t in fn.times.items() if t]
@@ -311,7 +372,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     corr = correlations(rows)
     common.write_records(workdir, "correlations", corr)
     summary = _report(workdir, c, sc, rows, corr, ds.name)
-    return {"measures": rows, "correlations": corr, "summary": summary, "timing": timing}
+    return {"measures": rows, "correlations": corr, "summary": summary, "timing": timing,
+            "placement": placement}
 
 
 def _numeric_measures(rows: list[dict[str, Any]]) -> list[str]:
@@ -439,6 +501,7 @@ def _report(workdir: str, c, sc, rows, corr, data_name: str) -> list[dict[str, A
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    common.init_devices()  # multi-host runtime if configured; several devices -> runs split
     run(_CONFIG.value, _WORKDIR.value)
 
 

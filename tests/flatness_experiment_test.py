@@ -100,6 +100,13 @@ def test_missing_stability_workdir_raises(tmp_path):
         fexp.run(c, str(tmp_path / "out"))
 
 
+def test_run_indices_out_of_range_raise(stability_dir, tmp_path):
+    c = fexp.get_config()
+    c.quick, c.stability_workdir, c.runs = True, stability_dir, "0,6"  # 6 runs: 0..5
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 6\)"):
+        fexp.run(c, str(tmp_path))
+
+
 @pytest.mark.usefixtures("fast_compile")
 def test_flatness_quick_on_stability_run(stability_dir, tmp_path):
     c = fexp.get_config()

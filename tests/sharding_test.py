@@ -243,3 +243,50 @@ def test_pac_bayes_sharded_over_devices_equals_one_device() -> None:
               "final_objective"):
         np.testing.assert_allclose(got[k], ref[k], atol=2.5e-3, err_msg=k)
     assert len(ref["certificate"]) == 2 and all(0 < v <= 1 for v in out["vmap"]["certificate"])
+
+
+FLATNESS_SCRIPT = r"""
+import json, os, tempfile
+import jax
+from ml_collections import config_dict
+from experiments import flatness, stability
+
+assert jax.device_count() == 4, jax.devices()
+c = stability.get_config()  # tests/flatness_experiment_test.py's tiny study: 6 runs
+c.num_seeds = 2
+c.data.update(name="digits", num_train=256, num_test=0, downsample=1, fallback="")
+c.model.kwargs = config_dict.create(channels=(4, 4), dense=8, batch_norm=True, pool_impl="xla")
+c.layers.update(names="conv2", fractions="0.5", starts="0", ends="1")
+c.targets, c.periods = "S,L", "1"
+c.train.update(epochs=2, batch_size=128, lr_milestones="", checkpoint_every=2, learning_rate=1e-2)
+jax.config.update("jax_disable_most_optimizations", True)
+out = {"assign": {str(d.id): r for d, r in flatness.assign_runs(list(range(6))).items()}}
+with tempfile.TemporaryDirectory() as d:
+    stability.run(c, os.path.join(d, "stab"))
+    for split in (False, True):
+        f = flatness.get_config()
+        f.quick, f.split_runs, f.stability_workdir = True, split, os.path.join(d, "stab")
+        wd = os.path.join(d, str(split))
+        out["placement_" + str(split)] = flatness.run(f, wd)["placement"]
+        with open(os.path.join(wd, "measures.jsonl")) as fh:
+            out[str(split)] = fh.read()
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_flatness_runs_split_over_devices_equal_one_device() -> None:
+    """experiments/flatness.py quick preset on a 6-run stability study, 4 fake devices: runs 0-5 go
+    to devices 0, 1, 2, 3, 0, 1 (one thread each) and measures.jsonl is byte-identical to measuring
+    every run on one device (same single-run programs, same keys)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", FLATNESS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+    assert sorted(out["assign"].values()) == [[0, 4], [1, 5], [2], [3]]
+    assert len(set(out["placement_True"].values())) == 4
+    assert len(set(out["placement_False"].values())) == 1
+    assert len(out["True"].splitlines()) == 6
+    assert out["True"] == out["False"]
