@@ -355,8 +355,9 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             placement[i] = device.id
             bar.update()
 
-    if len(work) == 1:
-        measure_on(*next(iter(work.items())))
+    if len(work) <= 1:  # (a process gets no run when there are fewer runs than devices)
+        for device, runs in work.items():
+            measure_on(device, runs)
     else:  # one thread per device: dispatch releases the GIL, so the devices run concurrently
         with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
             for f in [pool.submit(measure_on, d, r) for d, r in work.items()]:
