@@ -24,9 +24,9 @@ Then correlates every measure with mean stability and with generalisation (best 
 
 Runs are measured one after another with one compiled program per measure (on XLA CPU, vmapping
 conv nets over runs was 3.5x slower, and HVPs inside `lax` loops ~3.4x slower than jitted calls from
-Python; README "Flatness vs stability"). With several devices (GPUs, hosts, or a CPU split into XLA
-devices) the runs are split over them (`split_runs`): each device measures its runs with the same
-single-run programs, so every row equals the one-device row; with several processes
+Python; README "Flatness vs stability"). With several accelerators or hosts the runs are split over
+the devices (`split_runs`): each device measures its runs with the same single-run programs, so
+every row equals the one-device row; with several processes
 (`jax.distributed`, shared workdir) each process measures its devices' runs and the rows are
 exchanged through the workdir. Runtime of the README's CPU run (56 runs, reduced
 probes and iterations): 25 min wall under load average 5-9 on the shared 2 cores, ~6 min of it
@@ -97,9 +97,11 @@ def get_config() -> config_dict.ConfigDict:
     # params; the reshape pool's second derivative divides by a tie count that is NaN under
     # jax_disable_most_optimizations (the tests' fast_compile), "xla" is safe there.
     c.pool_impl = ""
-    # Runs split over every device of every process (run j of the list on device j mod d, hosts
-    # interleaved; one thread per local device); False measures everything on the default device.
-    c.split_runs = True
+    # "all": runs split over every device of every process (run j of the list on device j mod d,
+    # hosts interleaved; one thread per local device); "none": every run on the default device;
+    # "auto": "all" on accelerators or several processes, "none" for the CPU devices of one process
+    # (2 host devices on 2 cores: 0.68x, each measure slows down and compiles twice; README).
+    c.split_runs = "auto"
     c.quick = False  # tests: 64 examples, few probes and iterations
     return c
 
@@ -118,6 +120,8 @@ def _preset(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     unknown = set(common.parse_list(c.measures)) - set(MEASURES)
     if unknown:
         raise ValueError(f"measures {sorted(unknown)} unknown; known: {MEASURES}")
+    if c.split_runs not in ("auto", "all", "none"):
+        raise ValueError(f"split_runs={c.split_runs!r}; expected 'auto', 'all' or 'none'")
     if not c.top_k <= c.lanczos.iters:
         raise ValueError(f"top_k={c.top_k} must be <= lanczos.iters={c.lanczos.iters}")
     if c.sharpness.directions > c.lanczos.iters:
@@ -281,6 +285,12 @@ def assign_runs(idx: list[int]) -> dict[jax.Device, list[int]]:
     return work
 
 
+def _split(mode: str) -> bool:
+    if mode == "auto":
+        return jax.process_count() > 1 or jax.default_backend() != "cpu"
+    return mode == "all"
+
+
 def _exchange_rows(workdir: str, rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Every process's rows, on every process, through files in the (shared) workdir."""
     from jax.experimental import multihost_utils
@@ -338,7 +348,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError(f"runs={c.runs!r}: indices must lie in [0, {len(recs)})")
     fn = Measurer(c, model)
     base_key = jax.random.key(c.seed)
-    work = assign_runs(idx) if c.split_runs else {jax.devices()[0]: list(idx)}
+    work = assign_runs(idx) if _split(c.split_runs) else {jax.devices()[0]: list(idx)}
     bar = tqdm(total=sum(map(len, work.values())),
                desc=f"flatness ({len(idx)} runs, {len(work)} local devices)")
     done: dict[int, dict[str, Any]] = {}

@@ -100,6 +100,13 @@ def test_missing_stability_workdir_raises(tmp_path):
         fexp.run(c, str(tmp_path / "out"))
 
 
+def test_unknown_split_runs_raises():
+    c = fexp.get_config()
+    c.split_runs = "yes"
+    with pytest.raises(ValueError, match="split_runs='yes'"):
+        fexp._preset(c)
+
+
 def test_run_indices_out_of_range_raise(stability_dir, tmp_path):
     c = fexp.get_config()
     c.quick, c.stability_workdir, c.runs = True, stability_dir, "0,6"  # 6 runs: 0..5
