@@ -66,14 +66,19 @@ print("RESULT", json.dumps(out))
 """
 
 
-def test_sharded_seeds_equal_single_device() -> None:
+def _run_on_4_devices(script: str, timeout: int) -> dict:
+    """Runs `script` in a fresh interpreter with 4 fake CPU devices; its "RESULT {json}" line."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_seeds_equal_single_device() -> None:
+    out = _run_on_4_devices(SCRIPT, timeout=120)
     # Automatic with more than one device: conv nets on CPU sequentially per device.
     assert out["strategy"] == "sharded_sequential" and out["mlp_strategy"] == "sharded"
     for s, devices in (("4", 4), ("6", 3)):  # S = 6 on 4 devices: 3 devices, 2 seeds each
@@ -170,13 +175,7 @@ def test_stability_sharded_over_devices_equals_one_device() -> None:
     devices) equals "sequential" exactly. "sharded" (vmap per device) equals one-device "vmap" up
     to float reassociation: losses to 1e-5, test accuracy within one of the 360 examples (a
     reassociation flips one near-tie prediction; "sequential" against "vmap" does the same)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", STABILITY_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = _run_on_4_devices(STABILITY_SCRIPT, timeout=400)
     assert out["devices"] == {"sharded": [2], "sequential": [1], "sharded_sequential": [2]}
     assert out["sharded_sequential"] == out["sequential"]
     ref, got = out["vmap"], out["sharded"]
@@ -223,13 +222,7 @@ def test_pac_bayes_sharded_over_devices_equals_one_device() -> None:
     bound optimisation, KL, the Monte Carlo certificate and the test errors all run seed-sharded
     (2 devices, one seed each: every mapped call is recorded) and give the one-device "vmap"
     certificates (bitwise here)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", PAC_BAYES_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = _run_on_4_devices(PAC_BAYES_SCRIPT, timeout=300)
     assert set(out["devices"]) == {2}
     # Prior training and PFT, then the bound optimisation, the Monte Carlo certificate and the test
     # errors: every seed-mapped stage went through the mesh.
@@ -278,13 +271,7 @@ def test_flatness_runs_split_over_devices_equal_one_device() -> None:
     """experiments/flatness.py quick preset on a 6-run stability study, 4 fake devices: runs 0-5 go
     to devices 0, 1, 2, 3, 0, 1 (one thread each) and measures.jsonl is byte-identical to measuring
     every run on one device (same single-run programs, same keys)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", FLATNESS_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = _run_on_4_devices(FLATNESS_SCRIPT, timeout=400)
     assert sorted(out["assign"].values()) == [[0, 4], [1, 5], [2], [3]]
     assert len(set(out["placement_all"].values())) == 4
     # "auto" does not split over the CPU devices of one process (slower on 2 cores, README).
