@@ -36,7 +36,8 @@ Writes to workdir: config.json; measures.jsonl/csv (one row per run: the stabili
 every measure); correlations.jsonl/csv and correlations.md (measure x {mean_stability, best_test,
 gap} x {pruned runs, all runs}: Pearson r, p, Kendall tau, p, n); table.md (mean and 95%
 t-interval of each measure per configuration; the numbers also in summary.jsonl/csv); timing.jsonl
-(seconds per measure: first call incl. compile, median after); scatter_stability.png and
+(seconds per measure: first call incl. compile, median after; this process's calls only, and with
+several local devices each device compiles on its first call); scatter_stability.png and
 scatter_test.png (headline measures vs stability / test accuracy); spectrum.png (top Lanczos
 eigenvalues per configuration).
 """
