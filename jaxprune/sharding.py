@@ -7,7 +7,9 @@ independent), so results equal the single-device run up to float reassociation (
 on CPU). Arguments without a seed axis (data, config arrays) are replicated.
 
 A 2-D mesh ("seeds", "batch") also splits each seed's batch over devices (data parallelism inside a
-seed: XLA inserts the all-reduce of the gradient); use it when S < #devices.
+seed, `map_seeds_sharded(..., batch_shards=k)`: every batch marked with `train.constrain_batch`, as
+in `train.train_epoch`, is split and XLA inserts the all-reduces of the gradient and of BatchNorm's
+batch moments); use it when S < #devices.
 
 Multi-host: call `initialize_from_env()` first on every process (it wraps
 `jax.distributed.initialize`; experiments do it through `experiments.common.init_devices`), run the
@@ -35,7 +37,7 @@ from jaxprune import train
 PyTree = Any
 
 SEEDS = "seeds"
-BATCH = "batch"
+BATCH = train.BATCH_AXIS
 
 
 def initialize_from_env() -> bool:
@@ -145,9 +147,11 @@ def map_seeds_sharded(
 
     Arguments with in_axes None are replicated. On several processes (multi-host) the outputs are
     replicated rather than seed-sharded (one all-gather per call), so host code reads them as on one
-    host. With `batch_shards` > 1, set batch shardings inside `fn` yourself (e.g.
-    `jax.lax.with_sharding_constraint(x, P(None, BATCH))`); by default the second mesh axis has
-    size 1. Compiles once per mesh (i.e. per S modulo the device count).
+    host. With `batch_shards` > 1 each seed's batch is split over the "batch" mesh axis wherever
+    `fn` marks it with `train.constrain_batch` (`train.train_epoch` does, for every step's batch):
+    `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with `spmd_axis_name="seeds"`, so
+    such a constraint composes with the seed sharding. Compiles once per mesh (i.e. per S modulo
+    the device count).
     """
     in_axes = tuple(in_axes)
     if any(ax not in (0, None) for ax in in_axes):
@@ -162,8 +166,9 @@ def map_seeds_sharded(
             # Multi-host: outputs are gathered onto every device (one all-gather per call), so
             # every process can read them with numpy and feed them back in.
             out = P(SEEDS) if jax.process_count() == 1 else P()
-            compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes),
+            compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=SEEDS),
                                   out_shardings=NamedSharding(mesh, out))
-        return compiled[n](*placed)
+        with jax.set_mesh(mesh):  # the mesh that train.constrain_batch sees while tracing
+            return compiled[n](*placed)
 
     return run

@@ -161,6 +161,20 @@ def train_step(
     return new, {"loss": loss, "error": error_rate(logits, y)}
 
 
+BATCH_AXIS = "batch"  # the mesh axis that splits one seed's batch (jaxprune.sharding.BATCH)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x split along its leading (example) axis over the "batch" mesh axis when traced under a mesh
+    where that axis has size > 1 (`sharding.map_seeds_sharded` with batch_shards > 1): data
+    parallelism inside a seed, XLA all-reduces the gradient and BatchNorm's batch moments. The
+    identity otherwise, so single-device programs are unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXIS))
+
+
 def train_epoch(
     state: TrainState,
     x: jax.Array,
@@ -176,7 +190,7 @@ def train_epoch(
     idx = data_lib.batch_indices(key, x.shape[0], batch_size, steps)
 
     def body(s, idx_b):
-        return train_step(s, x[idx_b], y[idx_b], model=model, tx=tx)
+        return train_step(s, constrain_batch(x[idx_b]), constrain_batch(y[idx_b]), model=model, tx=tx)
 
     return jax.lax.scan(body, state, idx)
 

@@ -62,6 +62,25 @@ for s, model in CASES.items():
     out[s] = {"diff": diff, "devices": devices, "loss": np.asarray(m_got["loss"]).tolist(),
               "sseq_same": same, "sseq_devices": sseq_devices, "sseq_key": str(b1[1].dtype),
               "ref_devices": len(ref.params["head"]["kernel"].sharding.device_set)}
+# Data parallelism inside each seed: S = 2 seeds x 2 batch shards on the 4 devices (BN model).
+model = CASES[4]
+abstract = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+params = jax.tree.map(lambda v: jnp.asarray(0.3 * rng.normal(size=(2, *v.shape)), jnp.float32),
+                      abstract["params"])
+bs = jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), abstract["batch_stats"])
+states = jax.vmap(functools.partial(train.state_from_params, tx=tx))(train.seed_keys(0, 2), params, bs)
+epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=16, steps=2)
+ref = train.map_seeds(epoch, (0, None, None, 0), "vmap")(states, x, y, train.seed_keys(1, 2))
+got = sharding.map_seeds_sharded(epoch, (0, None, None, 0), batch_shards=2)(
+    states, x, y, train.seed_keys(1, 2))
+mesh = sharding.seed_mesh(2, batch_shards=2)
+with jax.set_mesh(mesh):
+    spec = jax.jit(train.constrain_batch)(x).sharding.spec
+out["batch"] = {"diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))),
+                "mesh": dict(mesh.shape), "spec_is_batch": spec == jax.sharding.PartitionSpec("batch"),
+                "no_mesh_spec": str(jax.jit(train.constrain_batch)(x).sharding),
+                "devices": len(got[0].params["head"]["kernel"].sharding.device_set)}
 print("RESULT", json.dumps(out))
 """
 
@@ -88,6 +107,12 @@ def test_sharded_seeds_equal_single_device() -> None:
         assert len(out[s]["loss"]) == int(s)
         assert out[s]["sseq_same"] and out[s]["sseq_devices"] == devices
         assert out[s]["sseq_key"].startswith("key")
+    # batch_shards = 2: each seed's batch split over 2 devices (constrain_batch gives P("batch")
+    # under the mesh, nothing without one); the all-reduced gradient and BN moments match one device.
+    b = out["batch"]
+    assert b["mesh"] == {"seeds": 2, "batch": 2} and b["devices"] == 4
+    assert b["spec_is_batch"] and "SingleDeviceSharding" in b["no_mesh_spec"]
+    assert b["diff"] <= 1e-4, b
 
 
 def test_seed_mesh_and_errors_on_one_device() -> None:
