@@ -51,7 +51,8 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.create(name="mlp", kwargs=config_dict.create(widths=(64,)))
     c.train = config_dict.create(  # prior weights on S_α; fields of jaxprune.train.TrainConfig
         optimizer="adam", learning_rate=2e-3, momentum=0.9, weight_decay=0.0, batch_size=128,
-        epochs=60, steps_per_epoch=0, eval_batch_size=2000, seed_strategy="auto", checkpoint_every=10)
+        epochs=60, steps_per_epoch=0, eval_batch_size=2000, seed_strategy="auto", checkpoint_every=10,
+        batch_shards=1)  # "sharded" only: each seed's batch split over this many devices
     c.alphas = "0.3,0.5,0.7"  # prior fractions (each one counts in the union bound)
     c.prior = config_dict.create(
         pruner="magnitude",  # baseline mask PFT starts from (on the S_α-trained weights)

@@ -43,7 +43,8 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.create(name="mlp", kwargs=config_dict.create(widths=(128, 128)))
     c.train = config_dict.create(  # dense training; fields of jaxprune.train.TrainConfig
         optimizer="adam", learning_rate=2e-3, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=40,
-        steps_per_epoch=0, eval_batch_size=1000, seed_strategy="auto", checkpoint_every=10)
+        steps_per_epoch=0, eval_batch_size=1000, seed_strategy="auto", checkpoint_every=10,
+        batch_shards=1)  # "sharded" only: each seed's batch split over this many devices
     c.pruners = "magnitude,snip,random"  # names in jaxprune.pruners.PRUNERS
     c.sparsities = "0.8,0.9,0.95"
     c.snip_at = "init"  # SNIP scores at initialisation (original) or at the trained weights

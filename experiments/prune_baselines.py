@@ -31,7 +31,8 @@ def get_config() -> config_dict.ConfigDict:
         optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=30,
         # eval batch 250: conv nets on CPU evaluate 1.5-2.8x faster than at 1000 (README, "Second
         # machine"); the MLP is indifferent.
-        steps_per_epoch=0, eval_batch_size=250, seed_strategy="auto", checkpoint_every=5)
+        steps_per_epoch=0, eval_batch_size=250, seed_strategy="auto", checkpoint_every=5,
+        batch_shards=1)  # "sharded" only: each seed's batch split over this many devices
     c.pruners = "magnitude,magnitude_layer,snip,random,random_erk"  # names in jaxprune.pruners.PRUNERS
     c.sparsities = "0.5,0.8,0.9,0.95,0.98"
     c.finetune_epochs = 5  # 0: no fine-tuning

@@ -62,6 +62,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0: num_train // batch_size
     eval_batch_size: int = 1000
     seed_strategy: str = "auto"  # "auto" or one of STRATEGIES ("sharded*": several devices)
+    batch_shards: int = 1  # "sharded" only: split each seed's training batch over this many devices
     checkpoint_every: int = 1  # epochs; 0 disables checkpoints
 
     @classmethod
@@ -302,7 +303,8 @@ def _sequential_parts(fn: Callable[..., Any], in_axes: tuple[int | None, ...]):
     return alloc, write
 
 
-def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: str) -> Callable[..., Any]:
+def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: str,
+              batch_shards: int = 1) -> Callable[..., Any]:
     """Run a single-seed `fn` on S seeds: arguments with in_axes 0 carry a leading seed axis.
 
     "vmap": one compiled program `jit(vmap(fn))`. "sequential": one compiled single-seed program called
@@ -310,15 +312,18 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     (and hosts), see `jaxprune.sharding`. "sharded_sequential": the seed axis split over the devices
     as in "sharded", each device running its S/d seeds as in "sequential"; dispatch is asynchronous
     and interleaved over devices, so the devices run concurrently (one process only). Same numbers
-    in every case.
+    in every case. `batch_shards` > 1 ("sharded" only) also splits each seed's batch, where `fn`
+    marks it with `constrain_batch`, over that many devices (`sharding.map_seeds_sharded`).
     """
     in_axes = tuple(in_axes)
+    if batch_shards != 1 and strategy != "sharded":
+        raise ValueError(f"batch_shards={batch_shards} needs seed strategy 'sharded', got {strategy!r}")
     if strategy == "vmap":
         return jax.jit(jax.vmap(fn, in_axes=in_axes))
     if strategy == "sharded":
         from jaxprune import sharding
 
-        return sharding.map_seeds_sharded(fn, in_axes)
+        return sharding.map_seeds_sharded(fn, in_axes, batch_shards)
     if strategy not in ("sequential", "sharded_sequential"):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     alloc, write = _sequential_parts(fn, in_axes)
@@ -410,6 +415,7 @@ def _compiled(model: nn.Module, cfg: TrainConfig, steps: int, strategy: str):
         functools.partial(train_epoch, model=model, tx=tx, batch_size=cfg.batch_size, steps=steps),
         (0, None, None, 0),
         strategy,
+        cfg.batch_shards,
     )
     eval_fn = map_seeds(
         functools.partial(evaluate, model=model, batch_size=cfg.eval_batch_size), (0, None, None), strategy

@@ -71,7 +71,7 @@ bs = jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), abstract["batch_stats"])
 states = jax.vmap(functools.partial(train.state_from_params, tx=tx))(train.seed_keys(0, 2), params, bs)
 epoch = functools.partial(train.train_epoch, model=model, tx=tx, batch_size=16, steps=2)
 ref = train.map_seeds(epoch, (0, None, None, 0), "vmap")(states, x, y, train.seed_keys(1, 2))
-got = sharding.map_seeds_sharded(epoch, (0, None, None, 0), batch_shards=2)(
+got = train.map_seeds(epoch, (0, None, None, 0), "sharded", batch_shards=2)(
     states, x, y, train.seed_keys(1, 2))
 mesh = sharding.seed_mesh(2, batch_shards=2)
 with jax.set_mesh(mesh):
@@ -126,6 +126,11 @@ def test_seed_mesh_and_errors_on_one_device() -> None:
         sharding.map_seeds_sharded(lambda a: a, (1,))
     with pytest.raises(ValueError, match="seed strategy"):
         train.resolve_strategy("pmap", "mlp")
+    with pytest.raises(ValueError, match="batch_shards=2 needs seed strategy 'sharded'"):
+        train.map_seeds(lambda a: a, (0,), "vmap", batch_shards=2)
+    # Without a mesh whose "batch" axis is > 1, constrain_batch is the identity.
+    x = jax.numpy.ones((4, 2))
+    assert train.constrain_batch(x) is x
     # One device: sharded == vmap, numbers identical.
     f = lambda a, b: (a * b).sum()  # noqa: E731
     a = jax.numpy.arange(6.0).reshape(3, 2)
