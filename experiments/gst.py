@@ -255,7 +255,8 @@ def run_step(state: RunState, x: jax.Array, y: jax.Array, idx: jax.Array, key: j
     `_close_windows`; without it this is exactly `train.train_step`."""
     if noise:
         state = _perturb(state, jax.random.fold_in(key, state.train.step), spec, units)
-    ts, m = train.train_step(state.train, x[idx], y[idx], model=model, tx=tx)
+    ts, m = train.train_step(state.train, train.constrain_batch(x[idx]),
+                             train.constrain_batch(y[idx]), model=model, tx=tx)
     state = state.replace(train=ts)
     if noise:
         state = _close_windows(state, spec, units)
@@ -282,14 +283,21 @@ class Runner:
     per-run arguments is taken inside that program (eager `v[i]` slices cost ~5 % of the
     stability CPU default's time). "sharded_sequential": "sequential" with run i
     on device i mod d of the mesh; dispatch is asynchronous, so the devices run concurrently.
+    `batch_shards` > 1 ("sharded" only): each run's training batch is also split over that many
+    devices (a (runs, batch) mesh; `train.constrain_batch` in `run_step`).
     """
 
-    def __init__(self, strategy: str, num_runs: int):
+    def __init__(self, strategy: str, num_runs: int, batch_shards: int = 1):
         if strategy not in train.STRATEGIES:
             raise ValueError(f"strategy must be one of {train.STRATEGIES}, got {strategy!r}")
+        if batch_shards != 1 and strategy != "sharded":
+            raise ValueError(f"batch_shards={batch_shards} needs seed strategy 'sharded', got "
+                             f"{strategy!r}")
         train.check_processes(strategy)
         self.strategy = strategy
-        self.mesh = sharding.seed_mesh(num_runs) if strategy.startswith("sharded") else None
+        self.batch_shards = batch_shards
+        self.mesh = (sharding.seed_mesh(num_runs, batch_shards) if strategy.startswith("sharded")
+                     else None)
         self.listed = strategy in ("sequential", "sharded_sequential")
         self.devices = (list(self.mesh.devices[:, 0]) if self.mesh is not None
                         else [jax.devices()[0]])
@@ -327,7 +335,8 @@ class Runner:
         if self.strategy == "vmap":
             return jax.jit(jax.vmap(fn, in_axes=(0,) + in_axes))
         if self.strategy == "sharded":
-            return sharding.map_seeds_sharded(fn, (0,) + in_axes, devices=self.mesh.devices.ravel())
+            return sharding.map_seeds_sharded(fn, (0,) + in_axes, self.batch_shards,
+                                              devices=self.mesh.devices.ravel())
 
         @jax.jit
         def single(state, i, *args):
@@ -356,8 +365,8 @@ class Runner:
 def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: str, states: RunState,
                specs: RunSpec, counts: np.ndarray, ds: data_lib.Dataset, data_keys: jax.Array,
                prune_keys: jax.Array, batch_size: int, eval_batch_size: int, strategy: str,
-               noise: bool, ckpt_dir: str | None, checkpoint_every: int, desc: str
-               ) -> tuple[RunState, dict[str, np.ndarray]]:
+               noise: bool, ckpt_dir: str | None, checkpoint_every: int, desc: str,
+               batch_shards: int = 1) -> tuple[RunState, dict[str, np.ndarray]]:
     """Trains R runs (leading axis of `states`, `specs`, `counts`) for counts.shape[1] epochs.
 
     An epoch is `steps` calls of the mapped jitted `run_step` from the host: on XLA CPU a conv train
@@ -373,7 +382,7 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     steps = x.shape[0] // batch_size
     if steps <= 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
-    runner = Runner(strategy, counts.shape[0])
+    runner = Runner(strategy, counts.shape[0], batch_shards)
     x, y = runner.replicate((x, y))
     test_batches = [runner.replicate((xt[i:i + eval_batch_size], yt[i:i + eval_batch_size]))
                     for i in range(0, xt.shape[0], eval_batch_size)]

@@ -108,6 +108,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         specs=specs, counts=counts, ds=ds, data_keys=rep(keys["data"]), prune_keys=rep(keys["prune"]),
         batch_size=c.train.batch_size, eval_batch_size=c.train.eval_batch_size, strategy=strategy,
         noise=True, ckpt_dir=os.path.join(ckpt, "runs"), checkpoint_every=c.train.checkpoint_every,
+        batch_shards=c.train.batch_shards,
         desc=f"noise injection ({len(conds)} conditions x {S} seeds)")
     del states
     last = schedules.last_pruning_epoch(table)

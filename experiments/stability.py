@@ -64,7 +64,8 @@ def get_config() -> config_dict.ConfigDict:
     c.scoring = "l2"  # one of gst.SCORINGS
     c.train = config_dict.create(optimizer="adam", learning_rate=1e-3, momentum=0.9, batch_size=64,
                                  epochs=12, lr_milestones="10", eval_batch_size=250,
-                                 seed_strategy="auto", checkpoint_every=3)
+                                 seed_strategy="auto", checkpoint_every=3,
+                                 batch_shards=1)  # "sharded" only: each run's batch over k devices
     c.quick = False  # tests: digits, tiny CNN, 2 seeds, 4 epochs
     return c
 
@@ -164,6 +165,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         counts=counts, ds=ds, data_keys=rep(keys["data"]), prune_keys=rep(keys["prune"]),
         batch_size=c.train.batch_size, eval_batch_size=c.train.eval_batch_size, strategy=strategy,
         noise=False, ckpt_dir=os.path.join(ckpt, "runs"), checkpoint_every=c.train.checkpoint_every,
+        batch_shards=c.train.batch_shards,
         desc=f"stability ({len(configs)} configs x {S} seeds)")
 
     recs = _run_records(configs, S, counts, hist, states, units, "ckpt/runs")

@@ -126,8 +126,12 @@ def test_seed_mesh_and_errors_on_one_device() -> None:
         sharding.map_seeds_sharded(lambda a: a, (1,))
     with pytest.raises(ValueError, match="seed strategy"):
         train.resolve_strategy("pmap", "mlp")
+    from experiments import gst
+
     with pytest.raises(ValueError, match="batch_shards=2 needs seed strategy 'sharded'"):
         train.map_seeds(lambda a: a, (0,), "vmap", batch_shards=2)
+    with pytest.raises(ValueError, match="batch_shards=2 needs seed strategy 'sharded'"):
+        gst.Runner("sequential", 4, batch_shards=2)
     # Without a mesh whose "batch" axis is > 1, constrain_batch is the identity.
     x = jax.numpy.ones((4, 2))
     assert train.constrain_batch(x) is x
@@ -184,10 +188,11 @@ def _wrap_recording(self, states):
     return out
 gst.Runner.wrap = _wrap_recording
 out = {}
-for strategy in ("vmap", "sharded", "sequential", "sharded_sequential"):
+for strategy in ("vmap", "sharded", "sequential", "sharded_sequential", "sharded_batch2"):
     c = stability.get_config()
     c.quick = True
-    c.train.seed_strategy = strategy
+    c.train.seed_strategy = strategy.replace("_batch2", "")
+    c.train.batch_shards = 2 if strategy.endswith("_batch2") else 1
     with tempfile.TemporaryDirectory() as d:
         runs = stability.run(c, d)["runs"]
         with open(os.path.join(d, "history.jsonl")) as f:
@@ -201,18 +206,26 @@ print("RESULT", json.dumps(out))
 
 def test_stability_sharded_over_devices_equals_one_device() -> None:
     """experiments/stability.py (gst.Runner) on 4 fake devices; its 10 runs split over 2 devices (the
-    largest divisor of 10 that fits). "sharded_sequential" (the same single-run programs on two
+    largest divisor of 10 that fits; with batch_shards = 2, 2 runs x 2 batch shards). "sharded_sequential" (the same single-run programs on two
     devices) equals "sequential" exactly. "sharded" (vmap per device) equals one-device "vmap" up
     to float reassociation: losses to 1e-5, test accuracy within one of the 360 examples (a
     reassociation flips one near-tie prediction; "sequential" against "vmap" does the same)."""
     out = _run_on_4_devices(STABILITY_SCRIPT, timeout=400)
-    assert out["devices"] == {"sharded": [2], "sequential": [1], "sharded_sequential": [2]}
+    # "sharded" outputs span 2 devices, and 4 with batch_shards = 2 (2 run rows x 2 batch devices).
+    assert out["devices"] == {"sharded": [2, 4], "sequential": [1], "sharded_sequential": [2]}
     assert out["sharded_sequential"] == out["sequential"]
     ref, got = out["vmap"], out["sharded"]
     assert got["kept"] == ref["kept"] and len(ref["kept"]) == 10
     np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
     assert np.asarray(ref["loss"]).shape == (4, 10)  # 4 epochs x 10 runs
     np.testing.assert_allclose(got["test"], ref["test"], atol=1.01 / 360)
+    # Each run's batch also split over 2 devices (a (2 runs, 2 batch) mesh): the gradient and BN
+    # moments are all-reduced. Losses as "sharded"; the quick nets sit near chance (10-18 % test
+    # accuracy, many near-ties), and one cell moved by two of the 360 examples here.
+    got = out["sharded_batch2"]
+    assert got["kept"] == ref["kept"]
+    np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
+    np.testing.assert_allclose(got["test"], ref["test"], atol=2.01 / 360)
 
 
 PAC_BAYES_SCRIPT = r"""
