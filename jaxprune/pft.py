@@ -156,8 +156,8 @@ def train_chunk(
     idx = data_lib.batch_indices(key, x.shape[0], cfg.batch_size, steps)
 
     def body(s, idx_b):
-        return step(s, x[idx_b], y[idx_b], model=model, cfg=cfg, prunable=prunable,
-                    target_density=target_density)
+        return step(s, train.constrain_batch(x[idx_b]), train.constrain_batch(y[idx_b]), model=model,
+                    cfg=cfg, prunable=prunable, target_density=target_density)
 
     return jax.lax.scan(body, state, idx)
 
@@ -202,10 +202,12 @@ def threshold_half(logits: PyTree, prunable: PyTree) -> PyTree:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_chunk(model: nn.Module, cfg: PFTConfig, prunable_items: tuple, treedef: Any, steps: int, strategy: str):
+def _compiled_chunk(model: nn.Module, cfg: PFTConfig, prunable_items: tuple, treedef: Any, steps: int, strategy: str,
+                    batch_shards: int):
     prunable = jax.tree.unflatten(treedef, list(prunable_items))
     fn = functools.partial(train_chunk, model=model, cfg=cfg, prunable=prunable, steps=steps)
-    return train.map_seeds(lambda s, x, y, k, d: fn(s, x, y, k, target_density=d), (0, None, None, 0, 0), strategy)
+    return train.map_seeds(lambda s, x, y, k, d: fn(s, x, y, k, target_density=d), (0, None, None, 0, 0), strategy,
+                           batch_shards)
 
 
 def fit(
@@ -218,6 +220,7 @@ def fit(
     target_density: jax.Array,
     *,
     strategy: str = "vmap",
+    batch_shards: int = 1,
     chunk_steps: int = 50,
     checkpoint_dir: str | None = None,
     desc: str = "pft",
@@ -227,7 +230,8 @@ def fit(
 
     `target_density` is (S,): each seed's baseline density (used by the budget term). Checkpoints after
     every chunk when `checkpoint_dir` is given, and resumes from it. Returns states and a per-chunk
-    history (mean loss, expected density, wall seconds per step).
+    history (mean loss, expected density, wall seconds per step). `batch_shards` > 1 (strategy
+    "sharded") splits each seed's batch over that many devices (`train.map_seeds`).
     """
     import time
 
@@ -237,7 +241,7 @@ def fit(
         chunk_steps = int(np.gcd(cfg.steps, chunk_steps))
     n_chunks = cfg.steps // chunk_steps
     flat, treedef = jax.tree.flatten(prunable)
-    chunk_fn = _compiled_chunk(model, cfg, tuple(flat), treedef, chunk_steps, strategy)
+    chunk_fn = _compiled_chunk(model, cfg, tuple(flat), treedef, chunk_steps, strategy, batch_shards)
     x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
     history: list[dict[str, Any]] = []
     start = 0
