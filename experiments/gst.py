@@ -290,9 +290,7 @@ class Runner:
     def __init__(self, strategy: str, num_runs: int, batch_shards: int = 1):
         if strategy not in train.STRATEGIES:
             raise ValueError(f"strategy must be one of {train.STRATEGIES}, got {strategy!r}")
-        if batch_shards != 1 and strategy != "sharded":
-            raise ValueError(f"batch_shards={batch_shards} needs seed strategy 'sharded', got "
-                             f"{strategy!r}")
+        train.check_batch_shards(strategy, batch_shards)
         train.check_processes(strategy)
         self.strategy = strategy
         self.batch_shards = batch_shards

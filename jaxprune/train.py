@@ -259,6 +259,13 @@ def check_processes(strategy: str) -> None:
                          "on several hosts")
 
 
+def check_batch_shards(strategy: str, batch_shards: int) -> None:
+    """ValueError unless batch_shards is 1 or the strategy is "sharded" (the only one with a batch
+    mesh axis)."""
+    if batch_shards != 1 and strategy != "sharded":
+        raise ValueError(f"batch_shards={batch_shards} needs seed strategy 'sharded', got {strategy!r}")
+
+
 def num_seeds(tree: PyTree) -> int:
     return int(jax.tree.leaves(tree)[0].shape[0])
 
@@ -316,8 +323,7 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     marks it with `constrain_batch`, over that many devices (`sharding.map_seeds_sharded`).
     """
     in_axes = tuple(in_axes)
-    if batch_shards != 1 and strategy != "sharded":
-        raise ValueError(f"batch_shards={batch_shards} needs seed strategy 'sharded', got {strategy!r}")
+    check_batch_shards(strategy, batch_shards)
     if strategy == "vmap":
         return jax.jit(jax.vmap(fn, in_axes=in_axes))
     if strategy == "sharded":
