@@ -136,9 +136,11 @@ def _sb_config(c: config_dict.ConfigDict, variant: str, grid_size: int) -> sb.SB
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_fit(model, cfg: sb.SBConfig, prunable_items: tuple, treedef: Any, strategy: str):
+def _compiled_fit(model, cfg: sb.SBConfig, prunable_items: tuple, treedef: Any, strategy: str,
+                  batch_shards: int):
     """map_seeds(vmap grid (vmap objectives (fit))) over the seed axis with `strategy` ("sharded":
-    each device or host optimises only its seeds' bounds); cached across alphas."""
+    each device or host optimises only its seeds' bounds, each seed's minibatches split over
+    `batch_shards` devices); cached across alphas."""
     prunable = jax.tree.unflatten(treedef, list(prunable_items))
 
     def fit_bound(key, params, logits, eps, log_std, x, y, n, obj):
@@ -147,7 +149,8 @@ def _compiled_fit(model, cfg: sb.SBConfig, prunable_items: tuple, treedef: Any, 
 
     over_obj = jax.vmap(fit_bound, in_axes=(None, None, None, None, None, None, None, None, 0))
     over_grid = jax.vmap(over_obj, in_axes=(None, None, None, 0, 0, None, None, None, None))
-    return train.map_seeds(over_grid, (0, 0, 0, None, None, None, None, None, None), strategy)
+    return train.map_seeds(over_grid, (0, 0, 0, None, None, None, None, None, None), strategy,
+                           batch_shards)
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -196,7 +199,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             grid_size = len(alphas) * len(grid)  # every value looked at, over all alphas
             scfg = _sb_config(c, variant, grid_size)
             flat, treedef = jax.tree.flatten(prunable)
-            fit_fn = _compiled_fit(model, scfg, tuple(flat), treedef, strategy)
+            fit_fn = _compiled_fit(model, scfg, tuple(flat), treedef, strategy, cfg.batch_shards)
             eps_G = jnp.asarray([g[0] for g in grid], jnp.float32)
             ls_G = jnp.log(jnp.asarray([g[1] for g in grid], jnp.float32))
             t0 = time.perf_counter()

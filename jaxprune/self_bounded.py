@@ -307,8 +307,10 @@ def fit(
     idx = jax.random.randint(data_key, (cfg.steps, cfg.batch_size), 0, n_bound)
 
     def body(s, idx_b):
-        return train_step(s, x[idx_b], y[idx_b], objective_index, prior=prior, model=model,
-                          cfg=cfg, prunable=prunable, n_bound=n_bound)
+        # Marked for the "batch" mesh axis (identity without one): data parallelism inside a seed.
+        xb, yb = train.constrain_batch(x[idx_b]), train.constrain_batch(y[idx_b])
+        return train_step(s, xb, yb, objective_index, prior=prior, model=model, cfg=cfg,
+                          prunable=prunable, n_bound=n_bound)
 
     return jax.lax.scan(body, state, idx)
 

@@ -229,10 +229,10 @@ def test_stability_sharded_over_devices_equals_one_device() -> None:
 
 
 PAC_BAYES_SCRIPT = r"""
-import json, tempfile
+import json, sys, tempfile
 import jax
 from experiments import pac_bayes
-from jaxprune import sharding
+from jaxprune import sharding, train
 
 assert jax.device_count() == 4, jax.devices()
 devices, names = [], []
@@ -246,6 +246,14 @@ def _recording(*a, **k):
         return out
     return g
 sharding.map_seeds_sharded = _recording
+split = set()  # functions whose batches were split over the "batch" mesh axis
+_constrain = train.constrain_batch
+def _constrain_recording(x):
+    y = _constrain(x)
+    if y is not x:
+        split.add(sys._getframe(1).f_code.co_qualname)
+    return y
+train.constrain_batch = _constrain_recording
 out = {}
 for strategy in ("vmap", "sharded", "sharded_batch2"):
     c = pac_bayes.get_config()
@@ -256,7 +264,7 @@ for strategy in ("vmap", "sharded", "sharded_batch2"):
         r = pac_bayes.run(c, d)["results"][0]
     out[strategy] = {k: r[k] for k in ("certificate", "kl", "mc_risk", "stochastic_test_error",
                                        "threshold_test_error", "final_objective", "selected_grid")}
-out["devices"], out["names"] = devices, names
+out["devices"], out["names"], out["split"] = devices, names, sorted(split)
 print("RESULT", json.dumps(out))
 """
 
@@ -265,7 +273,8 @@ def test_pac_bayes_sharded_over_devices_equals_one_device() -> None:
     """experiments/pac_bayes.py quick preset (2 seeds) on 4 fake devices: prior training, PFT, the
     bound optimisation, KL, the Monte Carlo certificate and the test errors all run seed-sharded
     (2 devices, one seed each: every mapped call is recorded) and give the one-device "vmap"
-    certificates (bitwise here); with batch_shards = 2 the dense and PFT batches are also split."""
+    certificates (bitwise here); with batch_shards = 2 the dense, PFT and bound-optimisation
+    minibatches are also split."""
     out = _run_on_4_devices(PAC_BAYES_SCRIPT, timeout=300)
     assert set(out["devices"]) == {2, 4}  # 4: outputs of the batch-sharded dense and PFT epochs
     # Prior training and PFT, then the bound optimisation, the Monte Carlo certificate and the test
@@ -280,8 +289,10 @@ def test_pac_bayes_sharded_over_devices_equals_one_device() -> None:
               "final_objective"):
         np.testing.assert_allclose(got[k], ref[k], atol=2.5e-3, err_msg=k)
     assert len(ref["certificate"]) == 2 and all(0 < v <= 1 for v in out["vmap"]["certificate"])
-    # Dense and PFT batches also split over 2 devices per seed (the rest as "sharded").
-    # Measured: certificates within 8e-11, KL within 3e-8, every error rate identical.
+    # Dense, PFT and bound-fit minibatches also split over 2 devices per seed (the rest as
+    # "sharded"). Measured: certificates within 8e-11, KL within 3e-8, every error rate identical.
+    assert out["split"] == ["fit.<locals>.body", "train_chunk.<locals>.body",
+                            "train_epoch.<locals>.body"], out["split"]
     got = out["sharded_batch2"]
     assert got["selected_grid"] == ref["selected_grid"]
     for k in ("certificate", "kl", "mc_risk", "stochastic_test_error", "threshold_test_error",
