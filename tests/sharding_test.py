@@ -340,3 +340,104 @@ def test_flatness_runs_split_over_devices_equal_one_device() -> None:
     assert len(set(out["placement_none"].values())) == len(set(out["placement_auto"].values())) == 1
     assert len(out["all"].splitlines()) == 6
     assert out["all"] == out["none"] == out["auto"]
+
+
+MULTIPROCESS_SCRIPT = r"""
+import json, os, sys
+from experiments import common, pac_bayes, prune_baselines, stability
+
+import jax
+from jaxprune import sharding
+
+info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
+root, strategy = sys.argv[1], sys.argv[2]
+placed = set()  # (devices, devices of this process) of every seed-sharded input
+_shard = sharding.shard_seeds
+def _recording(tree, mesh):
+    out = _shard(tree, mesh)
+    for leaf in jax.tree.leaves(out)[:1]:
+        placed.add((len(leaf.sharding.device_set), len(leaf.addressable_shards)))
+    return out
+sharding.shard_seeds = _recording
+out = {"info": info}
+c = prune_baselines.get_config()
+c.quick, c.train.seed_strategy = True, strategy
+out["prune_baselines"] = prune_baselines.run(c, os.path.join(root, "prune_baselines"))["results"]
+c = stability.get_config()
+c.quick, c.train.seed_strategy = True, strategy
+runs = stability.run(c, os.path.join(root, "stability"))["runs"]
+with open(os.path.join(root, "stability", "history.jsonl")) as f:
+    hist = [json.loads(l) for l in f]
+out["stability"] = {"kept": [[r["config"], r["seed"], r["kept_conv3"], r["kept_conv4"]] for r in runs],
+                    "loss": [e["train_loss"] for e in hist], "test": [e["t_post"] for e in hist]}
+c = pac_bayes.get_config()
+c.quick, c.train.seed_strategy = True, strategy
+r = pac_bayes.run(c, os.path.join(root, "pac_bayes"))["results"][0]
+out["pac_bayes"] = {k: v for k, v in r.items() if not k.endswith("_seconds")}
+out["placed"] = sorted(placed)
+print("RESULT", json.dumps(out))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path) -> None:
+    """The multi-host path on one machine: two processes x 2 fake CPU devices joined by
+    `jax.distributed` (loopback coordinator, `common.init_devices`), one shared workdir, seeds
+    "sharded" over the 4 global devices (hosts interleaved, so 2 seeds use one device of each
+    process); prune_baselines (2 seeds), stability (10 runs) and pac_bayes (2 seeds) quick presets. Both processes return the same rows, and they equal one
+    process with one device and "vmap" (the stability tolerances of the 4-device test above)."""
+    base = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE"):
+        base.pop(v, None)
+    dist = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
+    cmd = [sys.executable, "-c", MULTIPROCESS_SCRIPT]
+    procs = [subprocess.Popen(cmd + [str(tmp_path / "shared"), "sharded"],
+                              env={**dist, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs.append(subprocess.Popen(cmd + [str(tmp_path / "ref"), "vmap"], env=base,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            assert p.returncode == 0, stderr[-3000:]
+            line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+            outs.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for p in procs:
+            p.kill()
+    p0, p1, ref = outs
+    assert [p0["info"]["process_index"], p1["info"]["process_index"]] == [0, 1]
+    for o in (p0, p1):
+        assert o["info"]["process_count"] == 2 and o["info"]["device_count"] == 4
+        assert o["info"]["local_device_count"] == 2 and o["info"]["distributed"]
+    assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
+    # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
+    assert p0["placed"] == p1["placed"] == [[2, 1]] and ref["placed"] == []
+    # Every process reads the same (replicated) results and writes the same files.
+    assert {k: p0[k] for k in ("prune_baselines", "stability", "pac_bayes")} == \
+        {k: p1[k] for k in ("prune_baselines", "stability", "pac_bayes")}
+    rows, ref_rows = p0["prune_baselines"], ref["prune_baselines"]
+    assert len(rows) == len(ref_rows) == 12
+    for a, b in zip(rows, ref_rows):
+        assert (a["pruner"], a["sparsity"], a["stage"]) == (b["pruner"], b["sparsity"], b["stage"])
+        assert len(a["test_error"]) == 2
+        np.testing.assert_allclose(a["test_error"], b["test_error"], atol=1.01 / 360)
+    got, want = p0["stability"], ref["stability"]
+    assert got["kept"] == want["kept"] and len(want["kept"]) == 10
+    np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
+    np.testing.assert_allclose(got["test"], want["test"], atol=2.01 / 360)
+    got, want = p0["pac_bayes"], ref["pac_bayes"]
+    assert got["selected_grid"] == want["selected_grid"]
+    for k in ("certificate", "kl", "mc_risk", "stochastic_test_error", "threshold_test_error",
+              "final_objective"):
+        np.testing.assert_allclose(got[k], want[k], atol=2.5e-3, err_msg=k)
