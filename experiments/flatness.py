@@ -349,7 +349,9 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError(f"runs={c.runs!r}: indices must lie in [0, {len(recs)})")
     fn = Measurer(c, model)
     base_key = jax.random.key(c.seed)
-    work = assign_runs(idx) if _split(c.split_runs) else {jax.devices()[0]: list(idx)}
+    # "none" with several processes: each measures every run on its own first device (jax.devices()
+    # starts with process 0's, which no other process can address).
+    work = assign_runs(idx) if _split(c.split_runs) else {jax.local_devices()[0]: list(idx)}
     bar = tqdm(total=sum(map(len, work.values())),
                desc=f"flatness ({len(idx)} runs, {len(work)} local devices)")
     done: dict[int, dict[str, Any]] = {}

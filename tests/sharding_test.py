@@ -344,7 +344,7 @@ def test_flatness_runs_split_over_devices_equal_one_device() -> None:
 
 MULTIPROCESS_SCRIPT = r"""
 import json, os, sys
-from experiments import common, pac_bayes, prune_baselines, stability
+from experiments import common, flatness, pac_bayes, prune_baselines, stability
 
 import jax
 from jaxprune import sharding
@@ -375,6 +375,16 @@ c.quick, c.train.seed_strategy = True, strategy
 r = pac_bayes.run(c, os.path.join(root, "pac_bayes"))["results"][0]
 out["pac_bayes"] = {k: v for k, v in r.items() if not k.endswith("_seconds")}
 out["placed"] = sorted(placed)
+# flatness of stability runs 0-1: "auto" splits them over the devices of both processes (hosts
+# interleaved: one run each) and exchanges the rows through the workdir; "none" measures both runs
+# in every process. (Fast compiles, as in the tests; the xla pool is safe there.)
+jax.config.update("jax_disable_most_optimizations", True)
+for split in ("auto", "none"):
+    f = flatness.get_config()
+    f.quick, f.runs, f.split_runs = True, "0,1", split
+    f.stability_workdir = os.path.join(root, "stability")
+    r = flatness.run(f, os.path.join(root, "flatness_" + split))
+    out["flatness_" + split], out["placement_" + split] = r["measures"], r["placement"]
 print("RESULT", json.dumps(out))
 """
 
@@ -423,9 +433,9 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
     # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
     assert p0["placed"] == p1["placed"] == [[2, 1]] and ref["placed"] == []
-    # Every process reads the same (replicated) results and writes the same files.
-    assert {k: p0[k] for k in ("prune_baselines", "stability", "pac_bayes")} == \
-        {k: p1[k] for k in ("prune_baselines", "stability", "pac_bayes")}
+    # Every process reads the same (replicated or exchanged) results and writes the same files.
+    studies = ("prune_baselines", "stability", "pac_bayes", "flatness_auto", "flatness_none")
+    assert {k: p0[k] for k in studies} == {k: p1[k] for k in studies}
     rows, ref_rows = p0["prune_baselines"], ref["prune_baselines"]
     assert len(rows) == len(ref_rows) == 12
     for a, b in zip(rows, ref_rows):
@@ -441,3 +451,10 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     for k in ("certificate", "kl", "mc_risk", "stochastic_test_error", "threshold_test_error",
               "final_objective"):
         np.testing.assert_allclose(got[k], want[k], atol=2.5e-3, err_msg=k)
+    # flatness: each process measured one of the two runs (placement: run -> device id, this
+    # process only) and both got both rows, equal to measuring both on one device ("none"; the
+    # one-process rows differ in the last digits because the stability states do).
+    assert list(p0["placement_auto"]) == ["0"] and list(p1["placement_auto"]) == ["1"]
+    assert list(p1["placement_none"]) == ["0", "1"] and list(ref["placement_auto"]) == ["0", "1"]
+    assert [r["index"] for r in p0["flatness_auto"]] == [0, 1]
+    assert p0["flatness_auto"] == p0["flatness_none"]
