@@ -284,7 +284,8 @@ class Runner:
     stability CPU default's time). "sharded_sequential": "sequential" with run i
     on device i mod d of the mesh; dispatch is asynchronous, so the devices run concurrently.
     `batch_shards` > 1 ("sharded" only): each run's training batch is also split over that many
-    devices (a (runs, batch) mesh; `train.constrain_batch` in `run_step`).
+    devices (a (runs, batch) mesh; `train.constrain_batch` in `run_step`). On several processes
+    the states stay with their runs' devices between steps (`returns_state`); `stacked` gathers.
     """
 
     def __init__(self, strategy: str, num_runs: int, batch_shards: int = 1):
@@ -323,18 +324,24 @@ class Runner:
                 for i in range(train.num_seeds(states))]
 
     def stacked(self, states: Any) -> RunState:
+        """One stacked RunState that every process can read (checkpoints, the caller)."""
+        if self.strategy == "sharded" and jax.process_count() > 1:
+            # Steps keep each process's runs on its own devices; gather them here, once.
+            return sharding.gather(states, self.mesh)
         if not self.listed:
             return states
         return stack([jax.device_put(s, self.devices[0]) for s in states])
 
-    def map(self, fn, in_axes: Sequence[int | None]):
-        """fn(state, *args) -> (state, aux) or aux; returns f(states, *args) -> same, aux stacked."""
+    def map(self, fn, in_axes: Sequence[int | None], returns_state: bool = False):
+        """fn(state, *args) -> (state, aux) (`returns_state`) or aux; returns f(states, *args) ->
+        same, aux stacked."""
         in_axes = tuple(in_axes)
         if self.strategy == "vmap":
             return jax.jit(jax.vmap(fn, in_axes=(0,) + in_axes))
         if self.strategy == "sharded":
             return sharding.map_seeds_sharded(fn, (0,) + in_axes, self.batch_shards,
-                                              devices=self.mesh.devices.ravel())
+                                              devices=self.mesh.devices.ravel(),
+                                              returns_state=returns_state)
 
         @jax.jit
         def single(state, i, *args):
@@ -386,10 +393,10 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
                     for i in range(0, xt.shape[0], eval_batch_size)]
     specs = runner.per_run(specs)
     step_fn = runner.map(functools.partial(run_step, model=model, tx=tx, units=units, noise=noise),
-                         (None, None, 0, 0, 0))
+                         (None, None, 0, 0, 0), returns_state=True)
     correct_fn = runner.map(functools.partial(num_correct, model=model), (None, None))
     prune_fn = runner.map(functools.partial(prune_event, units=units, scoring_name=scoring_name),
-                          (0, 0, 0))
+                          (0, 0, 0), returns_state=True)
     order_fn = jax.jit(jax.vmap(functools.partial(
         data_lib.batch_indices, num_examples=x.shape[0], batch_size=batch_size, num_batches=steps)))
 

@@ -16,8 +16,9 @@ Multi-host: call `initialize_from_env()` first on every process (it wraps
 same program everywhere; `jax.devices()` then lists every host's devices and the mesh spans them,
 hosts interleaved so that S seeds on fewer devices still use every host. Host-side inputs must be
 the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
-replicated outputs there, so host code can read them with numpy; `to_host` gathers other sharded
-arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines, stability and
+replicated outputs there, so host code can read them with numpy (except a fed-back state with
+`returns_state=True`, which stays sharded; `gather` replicates it once); `to_host` gathers other
+sharded arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines, stability and
 pac_bayes quick presets: the single-process numbers); not yet on real hosts. The workdir must be
 shared by all processes (orbax's checkpoints wait for process 0's directories).
 """
@@ -114,6 +115,13 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(lambda v: _put(v, NamedSharding(mesh, P())), tree)
 
 
+def gather(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Seed-sharded (possibly multi-host) arrays replicated on every device of the mesh by one
+    compiled all-gather, so that every process can read them (unlike `replicate`, which starts
+    from host values)."""
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
 def local_block(leaf: jax.Array, device: jax.Device) -> jax.Array:
     """The part of a placed array that lives on `device` (a seed block, or a whole replica)."""
     for shard in leaf.addressable_shards:
@@ -142,12 +150,15 @@ def map_seeds_sharded(
     in_axes: Sequence[int | None],
     batch_shards: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    returns_state: bool = False,
 ) -> Callable[..., Any]:
     """`jit(vmap(fn))` with the seed axis of in_axes-0 arguments (and all outputs) sharded.
 
     Arguments with in_axes None are replicated. On several processes (multi-host) the outputs are
     replicated rather than seed-sharded (one all-gather per call), so host code reads them as on one
-    host. With `batch_shards` > 1 each seed's batch is split over the "batch" mesh axis wherever
+    host; with `returns_state` (fn returns (state, aux), and the state is fed back in) only aux is
+    replicated and the state stays seed-sharded, so a loop of calls does not gather every seed's
+    state onto every host at every step. With `batch_shards` > 1 each seed's batch is split over the "batch" mesh axis wherever
     `fn` marks it with `train.constrain_batch` (`train.train_epoch` does, for every step's batch):
     `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with `spmd_axis_name="seeds"`, so
     such a constraint composes with the seed sharding. Compiles once per mesh (i.e. per S modulo
@@ -165,9 +176,11 @@ def map_seeds_sharded(
         if n not in compiled:
             # Multi-host: outputs are gathered onto every device (one all-gather per call), so
             # every process can read them with numpy and feed them back in.
-            out = P(SEEDS) if jax.process_count() == 1 else P()
+            out = NamedSharding(mesh, P(SEEDS) if jax.process_count() == 1 else P())
+            if returns_state:
+                out = (NamedSharding(mesh, P(SEEDS)), out)
             compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=SEEDS),
-                                  out_shardings=NamedSharding(mesh, out))
+                                  out_shardings=out)
         with jax.set_mesh(mesh):  # the mesh that train.constrain_batch sees while tracing
             return compiled[n](*placed)
 

@@ -350,12 +350,12 @@ from jaxprune import sharding
 
 info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
 root, strategy = sys.argv[1], sys.argv[2]
-placed = set()  # (devices, devices of this process) of every seed-sharded input
+placed = set()  # (devices, devices of this process, came in seed-sharded) of each sharded input
 _shard = sharding.shard_seeds
 def _recording(tree, mesh):
     out = _shard(tree, mesh)
-    for leaf in jax.tree.leaves(out)[:1]:
-        placed.add((len(leaf.sharding.device_set), len(leaf.addressable_shards)))
+    for a, b in list(zip(jax.tree.leaves(tree), jax.tree.leaves(out)))[:1]:
+        placed.add((len(b.sharding.device_set), len(b.addressable_shards), a is b))
     return out
 sharding.shard_seeds = _recording
 out = {"info": info}
@@ -433,7 +433,9 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
         assert o["info"]["local_device_count"] == 2 and o["info"]["distributed"]
     assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
     # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
-    assert p0["placed"] == p1["placed"] == [[2, 1]] and ref["placed"] == []
+    # The stability steps get their runs' states back seed-sharded (returns_state): no process
+    # gathers every run's state at every step.
+    assert p0["placed"] == p1["placed"] == [[2, 1, False], [2, 1, True]] and ref["placed"] == []
     # Every process reads the same (replicated or exchanged) results and writes the same files.
     studies = ("prune_baselines", "stability", "pac_bayes", "flatness_auto", "flatness_none")
     assert {k: p0[k] for k in studies} == {k: p1[k] for k in studies}
