@@ -18,9 +18,10 @@ hosts interleaved so that S seeds on fewer devices still use every host. Host-si
 the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
 replicated outputs there, so host code can read them with numpy (except a fed-back state with
 `returns_state=True`, which stays sharded; `gather` replicates it once); `to_host` gathers other
-sharded arrays. Checked with 2 processes x 2 CPU devices on one machine (prune_baselines, stability and
-pac_bayes quick presets: the single-process numbers); not yet on real hosts. The workdir must be
-shared by all processes (orbax's checkpoints wait for process 0's directories).
+sharded arrays. Tested with 2 processes x 2 CPU devices on one machine (prune_baselines,
+stability, pac_bayes and flatness quick presets give the single-process numbers,
+tests/sharding_test.py); not yet on real hosts. The workdir must be shared by all processes
+(orbax's checkpoints wait for process 0's directories).
 """
 
 from __future__ import annotations
@@ -158,11 +159,11 @@ def map_seeds_sharded(
     replicated rather than seed-sharded (one all-gather per call), so host code reads them as on one
     host; with `returns_state` (fn returns (state, aux), and the state is fed back in) only aux is
     replicated and the state stays seed-sharded, so a loop of calls does not gather every seed's
-    state onto every host at every step. With `batch_shards` > 1 each seed's batch is split over the "batch" mesh axis wherever
-    `fn` marks it with `train.constrain_batch` (`train.train_epoch` does, for every step's batch):
-    `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with `spmd_axis_name="seeds"`, so
-    such a constraint composes with the seed sharding. Compiles once per mesh (i.e. per S modulo
-    the device count).
+    state onto every host at every step. With `batch_shards` > 1 each seed's batch is split over
+    the "batch" mesh axis wherever `fn` marks it with `train.constrain_batch` (`train.train_epoch`
+    does, for every step's batch): `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with
+    `spmd_axis_name="seeds"`, so such a constraint composes with the seed sharding. Compiles once
+    per mesh (i.e. per S modulo the device count).
     """
     in_axes = tuple(in_axes)
     if any(ax not in (0, None) for ax in in_axes):
