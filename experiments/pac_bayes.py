@@ -185,8 +185,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             keys["pft"], states.params, states.batch_stats, mask)
         dens0 = jnp.full((c.num_seeds,), 1.0 - c.prior.sparsity)
         pst, _ = pft.fit(model, pcfg, p0, pds, keys["pft"], prunable, dens0, strategy=strategy,
-                         batch_shards=cfg.batch_shards, chunk_steps=min(100, pcfg.steps), checkpoint_dir=os.path.join(ckpt, "pft"),
-                         desc=f"prior mask α={alpha}")
+                         batch_shards=cfg.batch_shards, chunk_steps=min(100, pcfg.steps),
+                         checkpoint_dir=os.path.join(ckpt, "pft"), desc=f"prior mask α={alpha}")
         # Bound set padded to the full training-set length: one compiled fit for every alpha.
         bset = sb.bound_set(ds, split)
         n_bound = len(bset.y)

@@ -186,7 +186,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                                          jnp.asarray(ds.train.y[: pcfg.batch_size]), c.variance_repeats)
                 t0 = time.perf_counter()
                 pst, phist = pft.fit(model, pcfg, p0, ds, keys["pft"], prunable, density0, strategy=strategy,
-                                     batch_shards=cfg.batch_shards, chunk_steps=chunk, checkpoint_dir=os.path.join(ckpt, f"pft_{name}_{pruner}_{sp}"),
+                                     batch_shards=cfg.batch_shards, chunk_steps=chunk,
+                                     checkpoint_dir=os.path.join(ckpt, f"pft_{name}_{pruner}_{sp}"),
                                      desc=f"pft {name} {pruner} {sp}")
                 if first:
                     steady = [h["seconds_per_step"] for h in phist[1:]] or [phist[-1]["seconds_per_step"]]

@@ -176,7 +176,8 @@ def map_seeds_sharded(
         n = mesh.shape[SEEDS]
         if n not in compiled:
             # Multi-host: outputs are gathered onto every device (one all-gather per call), so
-            # every process can read them with numpy and feed them back in.
+            # every process can read them with numpy and feed them back in; a returned state
+            # (returns_state) stays seed-sharded, since it only goes back in.
             out = NamedSharding(mesh, P(SEEDS) if jax.process_count() == 1 else P())
             if returns_state:
                 out = (NamedSharding(mesh, P(SEEDS)), out)
