@@ -325,11 +325,10 @@ class Runner:
 
     def stacked(self, states: Any) -> RunState:
         """One stacked RunState that every process can read (checkpoints, the caller)."""
-        if self.strategy == "sharded" and jax.process_count() > 1:
-            # Steps keep each process's runs on its own devices; gather them here, once.
-            return sharding.gather(states, self.mesh)
         if not self.listed:
-            return states
+            # Several processes: the steps keep each process's runs on its own devices; gathered
+            # here, once.
+            return sharding.readable(states)
         return stack([jax.device_put(s, self.devices[0]) for s in states])
 
     def map(self, fn, in_axes: Sequence[int | None], returns_state: bool = False):

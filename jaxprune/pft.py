@@ -28,7 +28,7 @@ from flax import struct
 
 from jaxprune import data as data_lib
 from jaxprune import estimators as est_lib
-from jaxprune import masks, train
+from jaxprune import masks, sharding, train
 
 PyTree = Any
 
@@ -207,7 +207,7 @@ def _compiled_chunk(model: nn.Module, cfg: PFTConfig, prunable_items: tuple, tre
     prunable = jax.tree.unflatten(treedef, list(prunable_items))
     fn = functools.partial(train_chunk, model=model, cfg=cfg, prunable=prunable, steps=steps)
     return train.map_seeds(lambda s, x, y, k, d: fn(s, x, y, k, target_density=d), (0, None, None, 0, 0), strategy,
-                           batch_shards)
+                           batch_shards, returns_state=True)
 
 
 def fit(
@@ -264,4 +264,4 @@ def fit(
         bar.set_postfix(loss=f"{np.mean(rec['loss']):.4f}", density=f"{np.mean(rec['density']):.3f}")
         if checkpoint_dir:
             train.save_checkpoint(checkpoint_dir, c + 1, states, {"history": history})
-    return states, history
+    return sharding.readable(states), history

@@ -17,8 +17,9 @@ same program everywhere; `jax.devices()` then lists every host's devices and the
 hosts interleaved so that S seeds on fewer devices still use every host. Host-side inputs must be
 the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
 replicated outputs there, so host code can read them with numpy (except a fed-back state with
-`returns_state=True`, which stays sharded; `gather` replicates it once); `to_host` gathers other
-sharded arrays. Tested with 2 processes x 2 CPU devices on one machine (prune_baselines,
+`returns_state=True`, which stays sharded: the loops of `train.fit`, `pft.fit` and
+experiments/gst.py replicate it once, when they return, with `readable` / `gather`); `to_host`
+gathers other sharded arrays. Tested with 2 processes x 2 CPU devices on one machine (prune_baselines,
 stability, pac_bayes and flatness quick presets give the single-process numbers,
 tests/sharding_test.py); not yet on real hosts. The workdir must be shared by all processes
 (orbax's checkpoints wait for process 0's directories).
@@ -101,7 +102,9 @@ def _put(leaf: Any, sharding: NamedSharding) -> jax.Array:
     # Multi-host: every process holds the same full host value; each fills its own shards.
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding))
-    host = np.asarray(leaf)
+    # A state another mesh left seed-sharded over the processes (returns_state with batch_shards
+    # > 1 feeding a call without) is gathered first: no process holds it whole.
+    host = np.asarray(readable(leaf) if _split(leaf) else leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx],
                                         dtype=host.dtype)
 
@@ -121,6 +124,18 @@ def gather(tree: PyTree, mesh: Mesh) -> PyTree:
     compiled all-gather, so that every process can read them (unlike `replicate`, which starts
     from host values)."""
     return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
+def _split(v: Any) -> bool:
+    """True for an array whose shards live on several processes and differ (not replicated)."""
+    return isinstance(v, jax.Array) and not (v.is_fully_addressable or v.is_fully_replicated)
+
+
+def readable(tree: PyTree) -> PyTree:
+    """`tree` with arrays that span several processes replicated (one compiled all-gather), so
+    every process can read them; as it is when every array is fully addressable (one process)."""
+    split = [v for v in jax.tree.leaves(tree) if _split(v)]
+    return gather(tree, split[0].sharding.mesh) if split else tree
 
 
 def local_block(leaf: jax.Array, device: jax.Device) -> jax.Array:

@@ -311,7 +311,7 @@ def _sequential_parts(fn: Callable[..., Any], in_axes: tuple[int | None, ...]):
 
 
 def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: str,
-              batch_shards: int = 1) -> Callable[..., Any]:
+              batch_shards: int = 1, returns_state: bool = False) -> Callable[..., Any]:
     """Run a single-seed `fn` on S seeds: arguments with in_axes 0 carry a leading seed axis.
 
     "vmap": one compiled program `jit(vmap(fn))`. "sequential": one compiled single-seed program called
@@ -321,6 +321,9 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     and interleaved over devices, so the devices run concurrently (one process only). Same numbers
     in every case. `batch_shards` > 1 ("sharded" only) also splits each seed's batch, where `fn`
     marks it with `constrain_batch`, over that many devices (`sharding.map_seeds_sharded`).
+    `returns_state` (fn returns (state, aux) and the state is fed back in): on several processes
+    "sharded" keeps the returned state seed-sharded instead of gathering it onto every process;
+    read it with `sharding.readable` (one gather) when the loop is done.
     """
     in_axes = tuple(in_axes)
     check_batch_shards(strategy, batch_shards)
@@ -329,7 +332,7 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     if strategy == "sharded":
         from jaxprune import sharding
 
-        return sharding.map_seeds_sharded(fn, in_axes, batch_shards)
+        return sharding.map_seeds_sharded(fn, in_axes, batch_shards, returns_state=returns_state)
     if strategy not in ("sequential", "sharded_sequential"):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     alloc, write = _sequential_parts(fn, in_axes)
@@ -422,6 +425,7 @@ def _compiled(model: nn.Module, cfg: TrainConfig, steps: int, strategy: str):
         (0, None, None, 0),
         strategy,
         cfg.batch_shards,
+        returns_state=True,
     )
     eval_fn = map_seeds(
         functools.partial(evaluate, model=model, batch_size=cfg.eval_batch_size), (0, None, None), strategy
@@ -450,6 +454,8 @@ def fit(
     the latest checkpoint.
     """
     from tqdm.auto import tqdm
+
+    from jaxprune import sharding
 
     strategy = resolve_strategy(cfg.seed_strategy, model_name)
     x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
@@ -487,5 +493,5 @@ def fit(
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
             save_checkpoint(checkpoint_dir, done, states, {"history": history})
         if after_epoch is not None:
-            after_epoch(done, states)
-    return states, history
+            after_epoch(done, sharding.readable(states))
+    return sharding.readable(states), history

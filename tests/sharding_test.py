@@ -350,18 +350,26 @@ from jaxprune import sharding
 
 info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
 root, strategy = sys.argv[1], sys.argv[2]
-placed = set()  # (devices, devices of this process, came in seed-sharded) of each sharded input
+# study -> (devices, devices of this process, came in seed-sharded) of each seed-sharded input
+placed, study = {}, [""]
 _shard = sharding.shard_seeds
 def _recording(tree, mesh):
     out = _shard(tree, mesh)
     for a, b in list(zip(jax.tree.leaves(tree), jax.tree.leaves(out)))[:1]:
-        placed.add((len(b.sharding.device_set), len(b.addressable_shards), a is b))
+        placed.setdefault(study[0], set()).add(
+            (len(b.sharding.device_set), len(b.addressable_shards), a is b))
     return out
 sharding.shard_seeds = _recording
 out = {"info": info}
+study[0] = "prune_baselines"
 c = prune_baselines.get_config()
 c.quick, c.train.seed_strategy = True, strategy
 out["prune_baselines"] = prune_baselines.run(c, os.path.join(root, "prune_baselines"))["results"]
+if strategy == "sharded":  # each seed's batches also split over 2 devices, one in each process
+    study[0] = "prune_baselines_batch2"
+    c.train.batch_shards = 2
+    out[study[0]] = prune_baselines.run(c, os.path.join(root, study[0]))["results"]
+study[0] = "stability"
 c = stability.get_config()
 c.quick, c.train.seed_strategy = True, strategy
 runs = stability.run(c, os.path.join(root, "stability"))["runs"]
@@ -369,11 +377,12 @@ with open(os.path.join(root, "stability", "history.jsonl")) as f:
     hist = [json.loads(l) for l in f]
 out["stability"] = {"kept": [[r["config"], r["seed"], r["kept_conv3"], r["kept_conv4"]] for r in runs],
                     "loss": [e["train_loss"] for e in hist], "test": [e["t_post"] for e in hist]}
+study[0] = "pac_bayes"
 c = pac_bayes.get_config()
 c.quick, c.train.seed_strategy = True, strategy
 r = pac_bayes.run(c, os.path.join(root, "pac_bayes"))["results"][0]
 out["pac_bayes"] = {k: v for k, v in r.items() if not k.endswith("_seconds")}
-out["placed"] = sorted(placed)
+out["placed"] = {k: sorted(v) for k, v in placed.items()}
 # flatness of stability runs 0-1: "auto" splits them over the devices of both processes (hosts
 # interleaved: one run each) and exchanges the rows through the workdir; "none" measures both runs
 # in every process. (Fast compiles, as in the tests; the xla pool is safe there.)
@@ -433,18 +442,27 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
         assert o["info"]["local_device_count"] == 2 and o["info"]["distributed"]
     assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
     # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
-    # The stability steps get their runs' states back seed-sharded (returns_state): no process
-    # gathers every run's state at every step.
-    assert p0["placed"] == p1["placed"] == [[2, 1, False], [2, 1, True]] and ref["placed"] == []
+    # The training loops (train.fit's epochs, PFT chunks, the stability steps) get their states
+    # back seed-sharded (returns_state: the True entries): no process gathers every seed's state
+    # at every epoch or step. With batch_shards = 2 the epochs' states span all 4 devices (first
+    # placed from the host, then fed back), and the evaluation on 2 devices gathers them first.
+    sharded = [[2, 1, False], [2, 1, True]]
+    assert p0["placed"] == p1["placed"] == {
+        "prune_baselines": sharded, "stability": sharded, "pac_bayes": sharded,
+        "prune_baselines_batch2": [[2, 1, False], [4, 2, False], [4, 2, True]]}, p0["placed"]
+    assert ref["placed"] == {}
     # Every process reads the same (replicated or exchanged) results and writes the same files.
-    studies = ("prune_baselines", "stability", "pac_bayes", "flatness_auto", "flatness_none")
+    studies = ("prune_baselines", "prune_baselines_batch2", "stability", "pac_bayes",
+               "flatness_auto", "flatness_none")
     assert {k: p0[k] for k in studies} == {k: p1[k] for k in studies}
-    rows, ref_rows = p0["prune_baselines"], ref["prune_baselines"]
-    assert len(rows) == len(ref_rows) == 12
-    for a, b in zip(rows, ref_rows):
-        assert (a["pruner"], a["sparsity"], a["stage"]) == (b["pruner"], b["sparsity"], b["stage"])
-        assert len(a["test_error"]) == 2
-        np.testing.assert_allclose(a["test_error"], b["test_error"], atol=1.01 / 360)
+    ref_rows = ref["prune_baselines"]
+    for name, atol in (("prune_baselines", 1.01 / 360), ("prune_baselines_batch2", 2.01 / 360)):
+        rows = p0[name]
+        assert len(rows) == len(ref_rows) == 12
+        for a, b in zip(rows, ref_rows):
+            assert (a["pruner"], a["sparsity"], a["stage"]) == (b["pruner"], b["sparsity"], b["stage"])
+            assert len(a["test_error"]) == 2
+            np.testing.assert_allclose(a["test_error"], b["test_error"], atol=atol, err_msg=name)
     got, want = p0["stability"], ref["stability"]
     assert got["kept"] == want["kept"] and len(want["kept"]) == 10
     np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
