@@ -255,8 +255,7 @@ def run_step(state: RunState, x: jax.Array, y: jax.Array, idx: jax.Array, key: j
     `_close_windows`; without it this is exactly `train.train_step`."""
     if noise:
         state = _perturb(state, jax.random.fold_in(key, state.train.step), spec, units)
-    ts, m = train.train_step(state.train, train.constrain_batch(x[idx]),
-                             train.constrain_batch(y[idx]), model=model, tx=tx)
+    ts, m = train.train_step(state.train, *train.minibatch(x, y, idx), model=model, tx=tx)
     state = state.replace(train=ts)
     if noise:
         state = _close_windows(state, spec, units)

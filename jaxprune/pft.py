@@ -156,8 +156,8 @@ def train_chunk(
     idx = data_lib.batch_indices(key, x.shape[0], cfg.batch_size, steps)
 
     def body(s, idx_b):
-        return step(s, train.constrain_batch(x[idx_b]), train.constrain_batch(y[idx_b]), model=model,
-                    cfg=cfg, prunable=prunable, target_density=target_density)
+        return step(s, *train.minibatch(x, y, idx_b), model=model, cfg=cfg, prunable=prunable,
+                    target_density=target_density)
 
     return jax.lax.scan(body, state, idx)
 

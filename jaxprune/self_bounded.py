@@ -308,7 +308,7 @@ def fit(
 
     def body(s, idx_b):
         # Marked for the "batch" mesh axis (identity without one): data parallelism inside a seed.
-        xb, yb = train.constrain_batch(x[idx_b]), train.constrain_batch(y[idx_b])
+        xb, yb = train.minibatch(x, y, idx_b)
         return train_step(s, xb, yb, objective_index, prior=prior, model=model, cfg=cfg,
                           prunable=prunable, n_bound=n_bound)
 

@@ -176,6 +176,12 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXIS))
 
 
+def minibatch(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x[idx], y[idx]), each marked with `constrain_batch`: the minibatch every scanned training
+    body takes, split over the "batch" mesh axis when there is one."""
+    return constrain_batch(x[idx]), constrain_batch(y[idx])
+
+
 def train_epoch(
     state: TrainState,
     x: jax.Array,
@@ -191,7 +197,7 @@ def train_epoch(
     idx = data_lib.batch_indices(key, x.shape[0], batch_size, steps)
 
     def body(s, idx_b):
-        return train_step(s, constrain_batch(x[idx_b]), constrain_batch(y[idx_b]), model=model, tx=tx)
+        return train_step(s, *minibatch(x, y, idx_b), model=model, tx=tx)
 
     return jax.lax.scan(body, state, idx)
 

@@ -250,8 +250,9 @@ split = set()  # functions whose batches were split over the "batch" mesh axis
 _constrain = train.constrain_batch
 def _constrain_recording(x):
     y = _constrain(x)
-    if y is not x:
-        split.add(sys._getframe(1).f_code.co_qualname)
+    if y is not x:  # recorded: the scanned body that took the minibatch (train.minibatch's caller)
+        f = sys._getframe(1)
+        split.add((f.f_back if f.f_code.co_name == "minibatch" else f).f_code.co_qualname)
     return y
 train.constrain_batch = _constrain_recording
 out = {}
