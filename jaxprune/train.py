@@ -384,9 +384,15 @@ def seed_keys(seed: int, num: int) -> jax.Array:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _manager(directory: str):
+def _manager(directory: str, tree: PyTree):
+    """Orbax's manager for `directory`, once `tree` (the state to save or the restore target) is
+    computed. With several processes, creating the manager runs a collective over every device
+    (orbax's process sync); one still in flight over a seed mesh (the last seed-mapped call, e.g.
+    the fine-tuning start state) crossed it and killed a resumed two-process run (gloo: "Received
+    data size doesn't match expected size")."""
     import orbax.checkpoint as ocp
 
+    jax.block_until_ready(tree)
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
@@ -397,7 +403,7 @@ def save_checkpoint(directory: str, step: int, state: PyTree, meta: dict[str, An
     """Saves the whole (seed-stacked) state plus JSON metadata (e.g. history) at `step`."""
     import orbax.checkpoint as ocp
 
-    with _manager(directory) as mgr:
+    with _manager(directory, state) as mgr:
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         mgr.wait_until_finished()
 
@@ -408,7 +414,7 @@ def restore_checkpoint(directory: str, target: PyTree) -> tuple[int, PyTree, dic
 
     if not os.path.isdir(directory):
         return None
-    with _manager(directory) as mgr:
+    with _manager(directory, target) as mgr:
         step = mgr.latest_step()
         if step is None:
             return None

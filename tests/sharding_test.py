@@ -346,7 +346,7 @@ def test_flatness_runs_split_over_devices_equal_one_device() -> None:
 MULTIPROCESS_SCRIPT = r"""
 import json, os, sys
 import jax
-from experiments import common, flatness, pac_bayes, prune_baselines, stability
+from experiments import common, flatness, pac_bayes, pft, prune_baselines, stability
 from jaxprune import sharding
 
 info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
@@ -383,6 +383,11 @@ c = pac_bayes.get_config()
 c.quick, c.train.seed_strategy = True, strategy
 r = pac_bayes.run(c, os.path.join(root, "pac_bayes"))["results"][0]
 out["pac_bayes"] = {k: v for k, v in r.items() if not k.endswith("_seconds")}
+# pft twice in one workdir: the second run resumes from every checkpoint (dense, fine-tuning, PFT).
+for study[0] in ("pft", "pft_resumed"):
+    c = pft.get_config()
+    c.quick, c.train.seed_strategy = True, strategy
+    out[study[0]] = pft.run(c, os.path.join(root, "pft"))["results"]
 out["placed"] = {k: sorted(v) for k, v in placed.items()}
 # flatness of stability runs 0-1: "auto" splits them over the devices of both processes (hosts
 # interleaved: one run each) and exchanges the rows through the workdir; "none" measures both runs
@@ -449,11 +454,12 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     # placed from the host, then fed back), and the evaluation on 2 devices gathers them first.
     sharded = [[2, 1, False], [2, 1, True]]
     assert p0["placed"] == p1["placed"] == {
-        "prune_baselines": sharded, "stability": sharded, "pac_bayes": sharded,
-        "prune_baselines_batch2": [[2, 1, False], [4, 2, False], [4, 2, True]]}, p0["placed"]
+        "prune_baselines": sharded, "stability": sharded, "pac_bayes": sharded, "pft": sharded,
+        "prune_baselines_batch2": [[2, 1, False], [4, 2, False], [4, 2, True]],
+        "pft_resumed": [[2, 1, False]]}, p0["placed"]  # resumed: no epoch or chunk left to run
     assert ref["placed"] == {}
     # Every process reads the same (replicated or exchanged) results and writes the same files.
-    studies = ("prune_baselines", "prune_baselines_batch2", "stability", "pac_bayes",
+    studies = ("prune_baselines", "prune_baselines_batch2", "stability", "pac_bayes", "pft",
                "flatness_auto", "flatness_none")
     assert {k: p0[k] for k in studies} == {k: p1[k] for k in studies}
     ref_rows = ref["prune_baselines"]
@@ -473,6 +479,16 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     for k in ("certificate", "kl", "mc_risk", "stochastic_test_error", "threshold_test_error",
               "final_objective"):
         np.testing.assert_allclose(got[k], want[k], atol=2.5e-3, err_msg=k)
+    # pft, fresh and resumed from its checkpoints (the resume crashed in a gloo collective before
+    # train._manager waited for the state: orbax's process sync crossed a seed-mapped call's
+    # all-gather still in flight).
+    assert p0["pft_resumed"] == p0["pft"] and ref["pft_resumed"] == ref["pft"]
+    assert len(p0["pft"]) == len(ref["pft"]) == 20
+    for a, b in zip(p0["pft"], ref["pft"]):
+        assert (a["pruner"], a["sparsity"], a["method"]) == (b["pruner"], b["sparsity"], b["method"])
+        np.testing.assert_allclose(a["test_error"], b["test_error"], atol=1.01 / 360)
+        np.testing.assert_allclose(a.get("expected_density", 0), b.get("expected_density", 0),
+                                   atol=1e-5)
     # flatness: each process measured one of the two runs (placement: run -> device id, this
     # process only) and both got both rows, equal to measuring both on one device ("none"; the
     # one-process rows differ in the last digits because the stability states do).
