@@ -412,7 +412,8 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
             start, states, meta = restored
             hist = {k: np.asarray(v, hist[k].dtype) for k, v in meta["hist"].items()}
     states = runner.wrap(states)
-    bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs)
+    bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs,
+               disable=jax.process_index() > 0)  # one bar per job on several processes
     for epoch in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
         idx = order_fn(keys)  # (R, steps, B): each run's own order, a function of its key

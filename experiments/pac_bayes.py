@@ -277,7 +277,8 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
         fn = train.map_seeds(jax.vmap(functools.partial(sb.per_example_errors, repeats=1, **kw),
                                       in_axes=axes), (0, 0, None, None), strategy)
         out = [np.asarray(fn(fold(keys, i), posts, x, y))[:, :, 0]
-               for i in tqdm(range(int(c.mc_repeats)), desc=desc, unit="repeat")]
+               for i in tqdm(range(int(c.mc_repeats)), desc=desc, unit="repeat",
+                             disable=jax.process_index() > 0)]
         return np.concatenate(out, axis=-1)
     if c.mc_scheme != "networks":
         raise ValueError(f"mc_scheme must be 'per_example' or 'networks', got {c.mc_scheme!r}")
@@ -287,7 +288,8 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
         sb.sampled_errors, num_networks=chunk, networks_per_batch=networks_per_batch, **kw),
         in_axes=axes), (0, 0, None, None), strategy)
     out = [np.asarray(fn(fold(keys, i), posts, x, y))
-           for i in tqdm(range(-(-num // chunk)), desc=desc, unit=f"x{chunk} nets")]
+           for i in tqdm(range(-(-num // chunk)), desc=desc, unit=f"x{chunk} nets",
+                          disable=jax.process_index() > 0)]
     return np.concatenate(out, axis=-1)[..., :num]
 
 

@@ -250,7 +250,9 @@ def fit(
         if restored is not None:
             start, states, meta = restored
             history = list(meta["history"])
-    bar = tqdm(range(start, n_chunks), desc=desc, disable=not progress, initial=start, total=n_chunks)
+    # One bar per job: on several processes (multi-host) only process 0 draws it.
+    bar = tqdm(range(start, n_chunks), desc=desc, disable=not progress or jax.process_index() > 0,
+               initial=start, total=n_chunks)
     for c in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, c)
         t0 = time.perf_counter()

@@ -487,7 +487,9 @@ def fit(
         if restored is not None:
             start, states, meta = restored
             history = list(meta["history"])
-    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not progress, initial=start, total=cfg.epochs)
+    # One bar per job: on several processes (multi-host) only process 0 draws it.
+    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not progress or jax.process_index() > 0,
+               initial=start, total=cfg.epochs)
     for epoch in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, epoch)
         states, m = epoch_fn(states, x, y, keys)

@@ -431,17 +431,23 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     procs.append(subprocess.Popen(cmd + [str(tmp_path / "ref"), "vmap"], env=base,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
+    outs, bars = [], []
     try:
         for p in procs:
             stdout, stderr = p.communicate(timeout=600)
             assert p.returncode == 0, stderr[-3000:]
             line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
             outs.append(json.loads(line[len("RESULT "):]))
+            # Progress bars drawn, by name (flatness draws one per process: each measures its own runs).
+            bars.append({b.split(":")[0].split(" ")[0] for b in stderr.replace("\r", "\n").splitlines()
+                         if "%|" in b})
     finally:
         for p in procs:
             p.kill()
     p0, p1, ref = outs
+    # One set of training bars per job: process 0 draws them, process 1 only its flatness bar.
+    assert bars[0] == bars[2] and {"dense", "stability", "pft", "flatness"} <= bars[0], bars
+    assert bars[1] == {"flatness"}, bars
     assert [p0["info"]["process_index"], p1["info"]["process_index"]] == [0, 1]
     for o in (p0, p1):
         assert o["info"]["process_count"] == 2 and o["info"]["device_count"] == 4
