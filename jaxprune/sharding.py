@@ -18,9 +18,9 @@ hosts interleaved so that S seeds on fewer devices still use every host. Host-si
 the same on every process (they are: keys come from one integer seed). `map_seeds_sharded` returns
 replicated outputs there, so host code can read them with numpy (except a fed-back state with
 `returns_state=True`, which stays sharded: the loops of `train.fit`, `pft.fit` and
-experiments/gst.py replicate it once, when they return, with `readable` / `gather`); `to_host`
-gathers other sharded arrays. Tested with 2 processes x 2 CPU devices on one machine (prune_baselines,
-stability, pac_bayes and flatness quick presets give the single-process numbers,
+experiments/gst.py replicate it once, when they return, with `readable`); `to_host` gathers other
+sharded arrays. Tested with 2 processes x 2 CPU devices on one machine (prune_baselines, stability,
+pac_bayes, pft, fresh and resumed, and flatness quick presets give the single-process numbers,
 tests/sharding_test.py); not yet on real hosts. The workdir must be shared by all processes
 (orbax's checkpoints wait for process 0's directories).
 """
@@ -132,8 +132,9 @@ def _split(v: Any) -> bool:
 
 
 def readable(tree: PyTree) -> PyTree:
-    """`tree` with arrays that span several processes replicated (one compiled all-gather), so
-    every process can read them; as it is when every array is fully addressable (one process)."""
+    """`tree` with arrays that span several processes replicated (one compiled all-gather over
+    their mesh: they come from one call), so every process can read them; as it is when every
+    array is fully addressable (one process) or already replicated."""
     split = [v for v in jax.tree.leaves(tree) if _split(v)]
     return gather(tree, split[0].sharding.mesh) if split else tree
 

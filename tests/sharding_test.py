@@ -438,9 +438,10 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
             assert p.returncode == 0, stderr[-3000:]
             line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
             outs.append(json.loads(line[len("RESULT "):]))
-            # Progress bars drawn, by name (flatness draws one per process: each measures its own runs).
-            bars.append({b.split(":")[0].split(" ")[0] for b in stderr.replace("\r", "\n").splitlines()
-                         if "%|" in b})
+            # Progress bars drawn, by first word (flatness draws one per process: each measures
+            # its own runs).
+            lines = stderr.replace("\r", "\n").splitlines()
+            bars.append({b.split(":")[0].split(" ")[0] for b in lines if "%|" in b})
     finally:
         for p in procs:
             p.kill()
@@ -473,7 +474,8 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
         rows = p0[name]
         assert len(rows) == len(ref_rows) == 12
         for a, b in zip(rows, ref_rows):
-            assert (a["pruner"], a["sparsity"], a["stage"]) == (b["pruner"], b["sparsity"], b["stage"])
+            assert [a[k] for k in ("pruner", "sparsity", "stage")] == [
+                b[k] for k in ("pruner", "sparsity", "stage")]
             assert len(a["test_error"]) == 2
             np.testing.assert_allclose(a["test_error"], b["test_error"], atol=atol, err_msg=name)
     got, want = p0["stability"], ref["stability"]
@@ -491,7 +493,8 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     assert p0["pft_resumed"] == p0["pft"] and ref["pft_resumed"] == ref["pft"]
     assert len(p0["pft"]) == len(ref["pft"]) == 20
     for a, b in zip(p0["pft"], ref["pft"]):
-        assert (a["pruner"], a["sparsity"], a["method"]) == (b["pruner"], b["sparsity"], b["method"])
+        assert [a[k] for k in ("pruner", "sparsity", "method")] == [
+            b[k] for k in ("pruner", "sparsity", "method")]
         np.testing.assert_allclose(a["test_error"], b["test_error"], atol=1.01 / 360)
         np.testing.assert_allclose(a.get("expected_density", 0), b.get("expected_density", 0),
                                    atol=1e-5)
