@@ -415,10 +415,12 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     """The multi-host path on one machine: two processes x 2 fake CPU devices joined by
     `jax.distributed` (loopback coordinator, `common.init_devices`), one shared workdir, seeds
     "sharded" over the 4 global devices (hosts interleaved, so 2 seeds use one device of each
-    process); prune_baselines (2 seeds), stability (10 runs) and pac_bayes (2 seeds) quick
-    presets, then flatness of two stability runs split over the processes. Both processes return
-    the same rows, and they equal one process with one device and "vmap" (the tolerances of the
-    4-device tests above)."""
+    process); prune_baselines (2 seeds; again with 2 batch shards, all 4 devices), stability (10
+    runs), pac_bayes (2 seeds) and pft (2 seeds, then resumed from its checkpoints) quick presets,
+    then flatness of two stability runs split over the processes. Both processes return the same
+    rows, and they equal one process with one device and "vmap" (the tolerances of the 4-device
+    tests above); the training loops keep their states seed-sharded; only process 0 draws the
+    training progress bars."""
     base = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
               "OMPI_COMM_WORLD_SIZE"):
