@@ -27,7 +27,7 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
     JAX_PROCESS_ID, or SLURM / Open MPI with more than one task; nothing for one process), so the
     same command uses one device, all devices of a host, or all hosts: with several devices,
     seed_strategy="auto" resolves to "sharded" (seeds split over every device, jaxprune.sharding;
-    "sharded_sequential" for conv nets on the CPU devices of one process).
+    "sharded_sequential" for conv nets on CPU devices, in one process or several).
     Safe to call twice.
     """
     from jaxprune import sharding

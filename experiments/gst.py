@@ -280,31 +280,38 @@ class Runner:
     largest divisor of R that fits the devices). "sequential": states are a list of R unstacked
     pytrees and each call runs one compiled single-run program R times; run i's slice of the
     per-run arguments is taken inside that program (eager `v[i]` slices cost ~5 % of the
-    stability CPU default's time). "sharded_sequential": "sequential" with run i
-    on device i mod d of the mesh; dispatch is asynchronous, so the devices run concurrently.
+    stability CPU default's time). "sharded_sequential": "sequential" with the runs split over the
+    mesh's d devices in blocks of R/d (as "sharded" splits them); dispatch is asynchronous, so the
+    devices run concurrently, and on several processes each runs only its own devices' runs.
     `batch_shards` > 1 ("sharded" only): each run's training batch is also split over that many
     devices (a (runs, batch) mesh; `train.constrain_batch` in `run_step`). On several processes
-    the states stay with their runs' devices between steps (`returns_state`); `stacked` gathers.
+    the states stay with their runs' devices between steps (`returns_state`), the per-run outputs
+    are gathered onto every process, and `stacked` gathers the states.
     """
 
     def __init__(self, strategy: str, num_runs: int, batch_shards: int = 1):
         if strategy not in train.STRATEGIES:
             raise ValueError(f"strategy must be one of {train.STRATEGIES}, got {strategy!r}")
         train.check_batch_shards(strategy, batch_shards)
-        train.check_processes(strategy)
         self.strategy = strategy
         self.batch_shards = batch_shards
         self.mesh = (sharding.seed_mesh(num_runs, batch_shards) if strategy.startswith("sharded")
                      else None)
         self.listed = strategy in ("sequential", "sharded_sequential")
+        # "sequential" on several processes: every process runs every run on its own device.
         self.devices = (list(self.mesh.devices[:, 0]) if self.mesh is not None
-                        else [jax.devices()[0]])
-        # Run indices as scalars on their run's device, made once (a Python int is sent every call).
-        self.ids = [jax.device_put(jnp.int32(i), self.device(i))
-                    for i in range(num_runs if self.listed else 0)]
+                        else [jax.local_devices()[0]])
+        self.local_devices = (sharding.local_mesh_devices(self.mesh) if self.mesh is not None
+                              else self.devices)
+        self.per_device = num_runs // len(self.devices)  # seed_mesh: a divisor of num_runs
+        # The runs this process computes ("listed"), and their indices as scalars on their run's
+        # device, made once (a Python int is sent every call).
+        self.mine = [i for i in range(num_runs if self.listed else 0)
+                     if self.device(i) in self.local_devices]
+        self.ids = {i: jax.device_put(jnp.int32(i), self.device(i)) for i in self.mine}
 
     def device(self, i: int) -> jax.Device:
-        return self.devices[i % len(self.devices)]
+        return self.devices[i // self.per_device]
 
     def replicate(self, tree: Any) -> Any:
         """Inputs without a run axis (the data), placed once on every device of the mesh, so that
@@ -316,11 +323,28 @@ class Runner:
         return sharding.shard_seeds(tree, self.mesh) if self.strategy == "sharded" else tree
 
     def wrap(self, states: RunState) -> Any:
+        """The runs' states as the mapped functions take them ("listed": a list of R single-run
+        states on their devices, None for the runs of other processes)."""
         if not self.listed:
             return self.per_run(states)
         one = jax.jit(lambda st, i: train.seed_slice([st], (0,), i)[0])
-        return [jax.device_put(one(states, jnp.int32(i)), self.device(i))
-                for i in range(train.num_seeds(states))]
+        # A state replicated over several processes: this process's copy.
+        states = jax.tree.map(lambda v: v if v.is_fully_addressable
+                              else v.addressable_shards[0].data, states)
+        return [jax.device_put(one(states, jnp.int32(i)), self.device(i)) if i in self.ids
+                else None for i in range(train.num_seeds(states))]
+
+    def _rows(self, per_run: Sequence[Any]) -> Any:
+        """Per-run pytrees of this process's runs (on their devices) as one stacked pytree over
+        all R runs that every process can read."""
+        if self.mesh is None:
+            return stack([jax.device_put(r, self.devices[0]) for r in per_run])
+        by_device = {d: [] for d in self.local_devices}
+        for i, r in zip(self.mine, per_run):
+            by_device[self.device(i)].append(r)
+        blocks = [stack(rs) for rs in by_device.values()]
+        return sharding.readable(jax.tree.map(
+            lambda *b: sharding.from_blocks(b, self.mesh), *blocks))
 
     def stacked(self, states: Any) -> RunState:
         """One stacked RunState that every process can read (checkpoints, the caller)."""
@@ -328,7 +352,7 @@ class Runner:
             # Several processes: the steps keep each process's runs on its own devices; gathered
             # here, once.
             return sharding.readable(states)
-        return stack([jax.device_put(s, self.devices[0]) for s in states])
+        return self._rows([states[i] for i in self.mine])
 
     def map(self, fn, in_axes: Sequence[int | None], returns_state: bool = False):
         """fn(state, *args) -> (state, aux) (`returns_state`) or aux; returns f(states, *args) ->
@@ -352,15 +376,15 @@ class Runner:
                                 and len(v.devices()) > 1 else jax.device_put(v, d), a)
 
         def run(states, *args):
-            per_dev = [[local(a, d) for a in args] for d in self.devices] if self.mesh else [args]
-            outs = [single(s, self.ids[i], *per_dev[i % len(per_dev)]) for i, s in enumerate(states)]
-            if len(self.devices) > 1:  # aux onto one device, so that it can be stacked
-                outs = [(o[0], jax.device_put(o[1], self.devices[0])) if isinstance(o, tuple)
-                        and isinstance(o[0], RunState) else jax.device_put(o, self.devices[0])
-                        for o in outs]
-            if isinstance(outs[0], tuple) and isinstance(outs[0][0], RunState):
-                return [o[0] for o in outs], stack([o[1] for o in outs])
-            return stack(outs)
+            per_dev = ({d: [local(a, d) for a in args] for d in self.local_devices} if self.mesh
+                       else {self.devices[0]: args})
+            outs = [single(states[i], self.ids[i], *per_dev[self.device(i)]) for i in self.mine]
+            if not returns_state:
+                return self._rows(outs)
+            new = [None] * len(states)
+            for i, o in zip(self.mine, outs):
+                new[i] = o[0]
+            return new, self._rows([o[1] for o in outs])
 
         return run
 

@@ -147,9 +147,15 @@ def local_block(leaf: jax.Array, device: jax.Device) -> jax.Array:
     raise ValueError(f"no shard of this array lives on {device}")
 
 
+def local_mesh_devices(mesh: Mesh) -> list[jax.Device]:
+    """This process's devices along the mesh's "seeds" axis, in mesh order."""
+    return [d for d in mesh.devices[:, 0] if d.process_index == jax.process_index()]
+
+
 def from_blocks(blocks: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
-    """One seed-sharded array from per-device seed blocks, in the order of the mesh's devices."""
-    shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:])
+    """One seed-sharded array from this process's per-device seed blocks (equal sizes), in the
+    order of `local_mesh_devices(mesh)`; on several processes the others hold the rest."""
+    shape = (blocks[0].shape[0] * mesh.shape[SEEDS], *blocks[0].shape[1:])
     return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(SEEDS)), list(blocks))
 
 

@@ -240,13 +240,13 @@ CONV_FREE_MODELS = ("mlp", "lenet300_100")
 def default_strategy(model_name: str, backend: str | None = None) -> str:
     """vmap, except conv nets on CPU, where vmapped seeds run at 0.75-0.97x of separate runs (even as
     batched matmuls, README "Speed and scale") and "sequential" is used. On several devices the
-    seed axis is split over them: "sharded" (vmap per device), or for conv nets on a CPU host split
-    into devices (one process) "sharded_sequential" (0.95-1.24x of one device on 2 cores, gaining
-    only where one seed leaves a core idle; vmap per device gave 0.88-1.07x)."""
+    seed axis is split over them: "sharded" (vmap per device), or for conv nets on CPU devices (a
+    host split into devices, or CPU processes) "sharded_sequential" (0.95-1.24x of one device on 2
+    cores, gaining only where one seed leaves a core idle; vmap per device gave 0.88-1.07x)."""
     backend = backend or jax.default_backend()
     conv_cpu = backend == "cpu" and model_name not in CONV_FREE_MODELS
     if jax.device_count() > 1:
-        return "sharded_sequential" if conv_cpu and jax.process_count() == 1 else "sharded"
+        return "sharded_sequential" if conv_cpu else "sharded"
     return "sequential" if conv_cpu else "vmap"
 
 
@@ -256,13 +256,6 @@ def resolve_strategy(strategy: str, model_name: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"seed strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}")
     return strategy
-
-
-def check_processes(strategy: str) -> None:
-    """ValueError if `strategy` cannot run on this many processes ("sharded_sequential": one)."""
-    if strategy == "sharded_sequential" and jax.process_count() > 1:
-        raise ValueError("seed strategy 'sharded_sequential' runs in one process; use 'sharded' "
-                         "on several hosts")
 
 
 def check_batch_shards(strategy: str, batch_shards: int) -> None:
@@ -324,12 +317,13 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     S times, outputs stacked. "sharded": `jit(vmap(fn))` with the seed axis split over all devices
     (and hosts), see `jaxprune.sharding`. "sharded_sequential": the seed axis split over the devices
     as in "sharded", each device running its S/d seeds as in "sequential"; dispatch is asynchronous
-    and interleaved over devices, so the devices run concurrently (one process only). Same numbers
-    in every case. `batch_shards` > 1 ("sharded" only) also splits each seed's batch, where `fn`
+    and interleaved over devices, so the devices run concurrently (on several processes each runs
+    the seeds of its own devices). Same numbers in every case. `batch_shards` > 1 ("sharded" only) also splits each seed's batch, where `fn`
     marks it with `constrain_batch`, over that many devices (`sharding.map_seeds_sharded`).
-    `returns_state` (fn returns (state, aux) and the state is fed back in): on several processes
-    "sharded" keeps the returned state seed-sharded instead of gathering it onto every process;
-    read it with `sharding.readable` (one gather) when the loop is done.
+    On several processes the sharded strategies return replicated outputs, so every process can
+    read them, except with `returns_state` (fn returns (state, aux) and the state is fed back in):
+    the state stays seed-sharded instead of being gathered onto every process; read it with
+    `sharding.readable` (one gather) when the loop is done.
     """
     in_axes = tuple(in_axes)
     check_batch_shards(strategy, batch_shards)
@@ -343,7 +337,7 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     alloc, write = _sequential_parts(fn, in_axes)
     if strategy == "sharded_sequential":
-        return _sharded_sequential(alloc, write, in_axes)
+        return _sharded_sequential(alloc, write, in_axes, returns_state)
 
     def run(*args):
         num = seed_count(args, in_axes)  # checks the arguments before tracing fn
@@ -355,23 +349,27 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     return run
 
 
-def _sharded_sequential(alloc, write, in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+def _sharded_sequential(alloc, write, in_axes: tuple[int | None, ...],
+                        returns_state: bool) -> Callable[..., Any]:
     from jaxprune import sharding
 
     def run(*args):
         num = seed_count(args, in_axes)
-        check_processes("sharded_sequential")
         mesh = sharding.seed_mesh(num)
         placed = [sharding.shard_seeds(a, mesh) if ax == 0 else sharding.replicate(a, mesh)
                   for a, ax in zip(args, in_axes)]
-        devices = list(mesh.devices[:, 0])
+        devices = sharding.local_mesh_devices(mesh)
         # Each device's block of seeds (and its copy of the rest): views of the placed arrays.
         local = [jax.tree.map(lambda v, d=d: sharding.local_block(v, d), placed) for d in devices]
         outs = [alloc(*a) for a in local]
-        for i in range(num // len(devices)):
+        for i in range(num // mesh.shape[sharding.SEEDS]):
             for k, a in enumerate(local):  # interleaved, so every device has work queued
                 outs[k] = write(outs[k], i, *a)
-        return jax.tree.map(lambda *blocks: sharding.from_blocks(blocks, mesh), *outs)
+        out = jax.tree.map(lambda *blocks: sharding.from_blocks(blocks, mesh), *outs)
+        # Several processes: readable outputs, as "sharded" gives (a fed-back state stays split).
+        if returns_state:
+            return out[0], sharding.readable(out[1])
+        return sharding.readable(out)
 
     return run
 

@@ -347,9 +347,10 @@ MULTIPROCESS_SCRIPT = r"""
 import json, os, sys
 import jax
 from experiments import common, flatness, pac_bayes, pft, prune_baselines, stability
-from jaxprune import sharding
+from jaxprune import sharding, train
 
 info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
+info["auto_cnn"] = train.default_strategy("small_cnn")
 root, strategy = sys.argv[1], sys.argv[2]
 # study -> (devices, devices of this process, came in seed-sharded) of each seed-sharded input
 placed, study = {}, [""]
@@ -370,14 +371,19 @@ if strategy == "sharded":  # each seed's batches also split over 2 devices, one 
     study[0] = "prune_baselines_batch2"
     c.train.batch_shards = 2
     out[study[0]] = prune_baselines.run(c, os.path.join(root, study[0]))["results"]
-study[0] = "stability"
-c = stability.get_config()
-c.quick, c.train.seed_strategy = True, strategy
-runs = stability.run(c, os.path.join(root, "stability"))["runs"]
-with open(os.path.join(root, "stability", "history.jsonl")) as f:
-    hist = [json.loads(l) for l in f]
-out["stability"] = {"kept": [[r["config"], r["seed"], r["kept_conv3"], r["kept_conv4"]] for r in runs],
-                    "loss": [e["train_loss"] for e in hist], "test": [e["t_post"] for e in hist]}
+def run_stability(name, seed_strategy):
+    study[0] = name
+    c = stability.get_config()
+    c.quick, c.train.seed_strategy = True, seed_strategy
+    runs = stability.run(c, os.path.join(root, name))["runs"]
+    with open(os.path.join(root, name, "history.jsonl")) as f:
+        hist = [json.loads(l) for l in f]
+    out[name] = {"kept": [[r["config"], r["seed"], r["kept_conv3"], r["kept_conv4"]] for r in runs],
+                 "loss": [e["train_loss"] for e in hist], "test": [e["t_post"] for e in hist]}
+run_stability("stability", strategy)
+# Each process runs its own devices' runs one after another (the CPU choice for conv nets);
+# against "sequential" in the one-process reference.
+run_stability("stability_listed", "sharded_sequential" if strategy == "sharded" else "sequential")
 study[0] = "pac_bayes"
 c = pac_bayes.get_config()
 c.quick, c.train.seed_strategy = True, strategy
@@ -416,7 +422,8 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     `jax.distributed` (loopback coordinator, `common.init_devices`), one shared workdir, seeds
     "sharded" over the 4 global devices (hosts interleaved, so 2 seeds use one device of each
     process); prune_baselines (2 seeds; again with 2 batch shards, all 4 devices), stability (10
-    runs), pac_bayes (2 seeds) and pft (2 seeds, then resumed from its checkpoints) quick presets,
+    runs; again "sharded_sequential", against "sequential"), pac_bayes (2 seeds) and pft (2 seeds,
+    then resumed from its checkpoints) quick presets,
     then flatness of two stability runs split over the processes. Both processes return the same
     rows, and they equal one process with one device and "vmap" (the tolerances of the 4-device
     tests above); the training loops keep their states seed-sharded; only process 0 draws the
@@ -455,6 +462,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     for o in (p0, p1):
         assert o["info"]["process_count"] == 2 and o["info"]["device_count"] == 4
         assert o["info"]["local_device_count"] == 2 and o["info"]["distributed"]
+        assert o["info"]["auto_cnn"] == "sharded_sequential"  # conv nets on CPU devices
     assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
     # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
     # The training loops (train.fit's epochs, PFT chunks, the stability steps) get their states
@@ -465,11 +473,12 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     assert p0["placed"] == p1["placed"] == {
         "prune_baselines": sharded, "stability": sharded, "pac_bayes": sharded, "pft": sharded,
         "prune_baselines_batch2": [[2, 1, False], [4, 2, False], [4, 2, True]],
+        "stability_listed": [[2, 1, False]],  # the initial states; then one run per call
         "pft_resumed": [[2, 1, False]]}, p0["placed"]  # resumed: no epoch or chunk left to run
     assert ref["placed"] == {}
     # Every process reads the same (replicated or exchanged) results and writes the same files.
-    studies = ("prune_baselines", "prune_baselines_batch2", "stability", "pac_bayes", "pft",
-               "flatness_auto", "flatness_none")
+    studies = ("prune_baselines", "prune_baselines_batch2", "stability", "stability_listed",
+               "pac_bayes", "pft", "flatness_auto", "flatness_none")
     assert {k: p0[k] for k in studies} == {k: p1[k] for k in studies}
     ref_rows = ref["prune_baselines"]
     for name, atol in (("prune_baselines", 1.01 / 360), ("prune_baselines_batch2", 2.01 / 360)):
@@ -480,10 +489,11 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
                 b[k] for k in ("pruner", "sparsity", "stage")]
             assert len(a["test_error"]) == 2
             np.testing.assert_allclose(a["test_error"], b["test_error"], atol=atol, err_msg=name)
-    got, want = p0["stability"], ref["stability"]
-    assert got["kept"] == want["kept"] and len(want["kept"]) == 10
-    np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
-    np.testing.assert_allclose(got["test"], want["test"], atol=2.01 / 360)
+    for name in ("stability", "stability_listed"):
+        got, want = p0[name], ref[name]
+        assert got["kept"] == want["kept"] and len(want["kept"]) == 10
+        np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got["test"], want["test"], atol=2.01 / 360, err_msg=name)
     got, want = p0["pac_bayes"], ref["pac_bayes"]
     assert got["selected_grid"] == want["selected_grid"]
     for k in ("certificate", "kl", "mc_risk", "stochastic_test_error", "threshold_test_error",
