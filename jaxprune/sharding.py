@@ -91,6 +91,11 @@ def seed_mesh(num_seeds: int | None = None, batch_shards: int = 1,
             raise ValueError(f"num_seeds={num_seeds} must be >= 1")
         d = max(k for k in range(1, d + 1) if num_seeds % k == 0)
     grid = np.asarray(devices[: d * batch_shards], dtype=object).reshape(d, batch_shards)
+    if len({dev.process_index for dev in grid.ravel()}) < jax.process_count():
+        # A process without a device in the mesh could neither compute nor read its results.
+        raise ValueError(f"{num_seeds} seeds x {batch_shards} batch shards leave some of the "
+                         f"{jax.process_count()} processes without a device; use at least one "
+                         f"seed per process (a multiple of {jax.process_count()})")
     return Mesh(grid, (SEEDS, BATCH))
 
 

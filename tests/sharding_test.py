@@ -351,6 +351,10 @@ from jaxprune import sharding, train
 
 info = common.init_devices(verbose=False)  # jax.distributed from JAX_COORDINATOR_ADDRESS etc.
 info["auto_cnn"] = train.default_strategy("small_cnn")
+try:  # one seed cannot be split over two processes
+    sharding.seed_mesh(1)
+except ValueError as e:
+    info["one_seed"] = str(e)
 root, strategy = sys.argv[1], sys.argv[2]
 # study -> (devices, devices of this process, came in seed-sharded) of each seed-sharded input
 placed, study = {}, [""]
@@ -463,6 +467,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
         assert o["info"]["process_count"] == 2 and o["info"]["device_count"] == 4
         assert o["info"]["local_device_count"] == 2 and o["info"]["distributed"]
         assert o["info"]["auto_cnn"] == "sharded_sequential"  # conv nets on CPU devices
+        assert "use at least one seed per process" in o["info"]["one_seed"]
     assert ref["info"]["process_count"] == 1 and ref["info"]["device_count"] == 1
     # 2 seeds (and 10 runs: 2 devices, 5 each) on a 2-device mesh, one device in each process.
     # The training loops (train.fit's epochs, PFT chunks, the stability steps) get their states
