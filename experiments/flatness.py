@@ -29,7 +29,8 @@ the devices (`split_runs`): each device measures its runs with the same single-r
 every row equals the one-device row; with several processes (`jax.distributed`, shared workdir)
 each process measures its devices' runs and the rows are exchanged through the workdir. Runtime
 of the README's CPU run (56 runs, reduced probes and iterations): 25 min wall under load average
-5-9 on the shared 2 cores, ~6 min of it compilation. The defaults (100 probes, 40 Lanczos steps, top-10, ...) are sized for a GPU.
+5-9 on the shared 2 cores, ~6 min of it compilation. The defaults (100 probes, 40 Lanczos steps,
+top-10, ...) are sized for a GPU.
 
 Writes to workdir: config.json; measures.jsonl/csv (one row per run: the stability record plus
 every measure); correlations.jsonl/csv and correlations.md (measure x {mean_stability, best_test,
@@ -98,7 +99,8 @@ def get_config() -> config_dict.ConfigDict:
     # jax_disable_most_optimizations (the tests' fast_compile), "xla" is safe there.
     c.pool_impl = ""
     # "all": runs split over every device of every process (run j of the list on device j mod d,
-    # hosts interleaved; one thread per local device); "none": every run on this process's first device;
+    # hosts interleaved; one thread per local device); "none": every run on this process's first
+    # device;
     # "auto": "all" on accelerators or several processes, "none" for the CPU devices of one process
     # (2 host devices on 2 cores: 0.68x, each measure slows down and compiles twice; README).
     c.split_runs = "auto"

@@ -328,9 +328,10 @@ class Runner:
         if not self.listed:
             return self.per_run(states)
         one = jax.jit(lambda st, i: train.seed_slice([st], (0,), i)[0])
-        # A state replicated over several processes: this process's copy.
+        # Several processes: this process's copy of the whole state (one split over the
+        # processes is gathered first, so no process slices a block it mistakes for the whole).
         states = jax.tree.map(lambda v: v if v.is_fully_addressable
-                              else v.addressable_shards[0].data, states)
+                              else v.addressable_shards[0].data, sharding.readable(states))
         return [jax.device_put(one(states, jnp.int32(i)), self.device(i)) if i in self.ids
                 else None for i in range(train.num_seeds(states))]
 
@@ -342,9 +343,8 @@ class Runner:
         by_device = {d: [] for d in self.local_devices}
         for i, r in zip(self.mine, per_run):
             by_device[self.device(i)].append(r)
-        blocks = [stack(rs) for rs in by_device.values()]
-        return sharding.readable(jax.tree.map(
-            lambda *b: sharding.from_blocks(b, self.mesh), *blocks))
+        return sharding.readable(sharding.from_blocks([stack(rs) for rs in by_device.values()],
+                                                      self.mesh))
 
     def stacked(self, states: Any) -> RunState:
         """One stacked RunState that every process can read (checkpoints, the caller)."""

@@ -109,7 +109,7 @@ def _put(leaf: Any, sharding: NamedSharding) -> jax.Array:
         return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding))
     # A state another mesh left seed-sharded over the processes (returns_state with batch_shards
     # > 1 feeding a call without) is gathered first: no process holds it whole.
-    host = np.asarray(readable(leaf) if _split(leaf) else leaf)
+    host = np.asarray(readable(leaf))
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx],
                                         dtype=host.dtype)
 
@@ -157,11 +157,17 @@ def local_mesh_devices(mesh: Mesh) -> list[jax.Device]:
     return [d for d in mesh.devices[:, 0] if d.process_index == jax.process_index()]
 
 
-def from_blocks(blocks: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
-    """One seed-sharded array from this process's per-device seed blocks (equal sizes), in the
-    order of `local_mesh_devices(mesh)`; on several processes the others hold the rest."""
-    shape = (blocks[0].shape[0] * mesh.shape[SEEDS], *blocks[0].shape[1:])
-    return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(SEEDS)), list(blocks))
+def from_blocks(blocks: Sequence[PyTree], mesh: Mesh) -> PyTree:
+    """One seed-sharded pytree from this process's per-device seed blocks (pytrees of equal
+    shapes, each on its device), in the order of `local_mesh_devices(mesh)`; on several
+    processes the others hold the rest."""
+
+    def one(*leaves: jax.Array) -> jax.Array:
+        shape = (leaves[0].shape[0] * mesh.shape[SEEDS], *leaves[0].shape[1:])
+        return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(SEEDS)),
+                                                        list(leaves))
+
+    return jax.tree.map(one, *blocks)
 
 
 def to_host(tree: PyTree) -> PyTree:

@@ -318,8 +318,9 @@ def map_seeds(fn: Callable[..., Any], in_axes: Sequence[int | None], strategy: s
     (and hosts), see `jaxprune.sharding`. "sharded_sequential": the seed axis split over the devices
     as in "sharded", each device running its S/d seeds as in "sequential"; dispatch is asynchronous
     and interleaved over devices, so the devices run concurrently (on several processes each runs
-    the seeds of its own devices). Same numbers in every case. `batch_shards` > 1 ("sharded" only) also splits each seed's batch, where `fn`
-    marks it with `constrain_batch`, over that many devices (`sharding.map_seeds_sharded`).
+    the seeds of its own devices). Same numbers in every case. `batch_shards` > 1 ("sharded" only)
+    also splits each seed's batch, where `fn` marks it with `constrain_batch`, over that many
+    devices (`sharding.map_seeds_sharded`).
     On several processes the sharded strategies return replicated outputs, so every process can
     read them, except with `returns_state` (fn returns (state, aux) and the state is fed back in):
     the state stays seed-sharded instead of being gathered onto every process; read it with
@@ -365,7 +366,7 @@ def _sharded_sequential(alloc, write, in_axes: tuple[int | None, ...],
         for i in range(num // mesh.shape[sharding.SEEDS]):
             for k, a in enumerate(local):  # interleaved, so every device has work queued
                 outs[k] = write(outs[k], i, *a)
-        out = jax.tree.map(lambda *blocks: sharding.from_blocks(blocks, mesh), *outs)
+        out = sharding.from_blocks(outs, mesh)
         # Several processes: readable outputs, as "sharded" gives (a fed-back state stays split).
         if returns_state:
             return out[0], sharding.readable(out[1])
