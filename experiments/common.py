@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,11 +29,14 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
     same command uses one device, all devices of a host, or all hosts: with several devices,
     seed_strategy="auto" resolves to "sharded" (seeds split over every device, jaxprune.sharding;
     "sharded_sequential" for conv nets on CPU devices, in one process or several).
-    Safe to call twice.
+    Safe to call twice. On several processes an uncaught exception ends the process at once
+    (`fail_fast`).
     """
     from jaxprune import sharding
 
     started = jax.distributed.is_initialized() or sharding.initialize_from_env()
+    if started and jax.process_count() > 1:
+        fail_fast()
     info = {"distributed": bool(started), "process_index": jax.process_index(),
             "process_count": jax.process_count(), "device_count": jax.device_count(),
             "local_device_count": jax.local_device_count(), "platform": jax.default_backend()}
@@ -41,6 +45,28 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
               f"({info['local_device_count']} local), process {info['process_index']} of "
               f"{info['process_count']}", flush=True)
     return info
+
+
+def fail_fast() -> None:
+    """Makes an uncaught exception print its traceback and exit with status 1 at once.
+
+    Without it a failing process of a multi-process run first waits in jax.distributed's shutdown
+    barrier (300 s) for the others, which wait for it in their next collective: the failure
+    surfaces five minutes later, as an abort of every process. Exiting at once lets a launcher
+    (`experiments.launch`, `srun --kill-on-bad-exit`) see the real status and stop the rest.
+    """
+    if getattr(sys.excepthook, "jaxprune_fail_fast", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        previous(exc_type, exc, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    hook.jaxprune_fail_fast = True
+    sys.excepthook = hook
 
 
 def setup_workdir(config: config_dict.ConfigDict, workdir: str) -> str:

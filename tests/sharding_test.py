@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import launch
 from jaxprune import sharding, train
 
 SCRIPT = r"""
@@ -413,14 +414,6 @@ print("RESULT", json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path) -> None:
     """The multi-host path on one machine: two processes x 2 fake CPU devices joined by
     `jax.distributed` (loopback coordinator, `common.init_devices`), one shared workdir, seeds
@@ -437,7 +430,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
               "OMPI_COMM_WORLD_SIZE"):
         base.pop(v, None)
     dist = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{launch.free_port()}", "JAX_NUM_PROCESSES": "2"}
     cmd = [sys.executable, "-c", MULTIPROCESS_SCRIPT]
     procs = [subprocess.Popen(cmd + [str(tmp_path / "shared"), "sharded"],
                               env={**dist, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,

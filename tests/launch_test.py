@@ -1,0 +1,99 @@
+"""experiments/launch.py: P pinned processes joined by jax.distributed, and a failure that stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+
+import pytest
+
+from experiments import launch
+
+# A study stand-in: joins the cluster through common.init_devices, all-gathers the process indices,
+# writes what it saw; with argv[2] = i, process i raises while the others wait in a collective.
+PROBE = textwrap.dedent("""
+    import json, os, sys
+    from experiments import common
+    import jax, jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    info = common.init_devices(verbose=False)
+    gathered = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
+    info.update(gathered=[int(v) for v in gathered.ravel()], cores=sorted(os.sched_getaffinity(0)),
+                platforms=os.environ.get("JAX_PLATFORMS"))
+    with open(os.path.join(sys.argv[1], f"probe_{jax.process_index()}.json"), "w") as f:
+        json.dump(info, f)
+    if len(sys.argv) > 2:
+        if int(sys.argv[2]) == jax.process_index():
+            raise RuntimeError("probe failure")
+        multihost_utils.sync_global_devices("never reached by the failed process")
+""")
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    (tmp_path / "jaxprune_probe.py").write_text(PROBE)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), repo]))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the launcher checks the module exists
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def test_core_blocks_split_evenly_and_refuse_too_many() -> None:
+    assert launch.core_blocks([3, 0, 1, 2, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert launch.core_blocks([0, 1], 2) == [[0], [1]]
+    assert launch.core_blocks([5], 1) == [[5]]
+    with pytest.raises(ValueError, match="3 pinned processes but only 2 cores"):
+        launch.core_blocks([0, 1], 3)
+    with pytest.raises(ValueError, match="at least one process"):
+        launch.core_blocks([0, 1], 0)
+
+
+def test_child_envs_replace_another_cluster() -> None:
+    envs = launch.child_envs(2, 1234, {"SLURM_NTASKS": "8", "JAX_PROCESS_ID": "5", "KEEP": "x"})
+    assert [e["JAX_PROCESS_ID"] for e in envs] == ["0", "1"]
+    for e in envs:
+        assert "SLURM_NTASKS" not in e and e["KEEP"] == "x" and e["JAX_PLATFORMS"] == "cpu"
+        assert e["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234" and e["JAX_NUM_PROCESSES"] == "2"
+    assert launch.child_envs(1, 1, {"JAX_PLATFORMS": "cuda"})[0]["JAX_PLATFORMS"] == "cuda"
+
+
+def test_two_pinned_processes_join_one_cluster(probe, tmp_path) -> None:
+    pin = len(os.sched_getaffinity(0)) >= 2
+    code = launch.launch("jaxprune_probe", [str(probe)], 2, pin=pin, logdir=str(tmp_path / "logs"))
+    assert code == 0
+    infos = [json.loads((probe / f"probe_{i}.json").read_text()) for i in range(2)]
+    for i, info in enumerate(infos):
+        assert info["process_index"] == i and info["process_count"] == 2
+        assert info["distributed"] and info["device_count"] == 2 and info["gathered"] == [0, 1]
+        assert info["platforms"] == "cpu"
+    if pin:
+        assert infos[0]["cores"] == launch.core_blocks(sorted(os.sched_getaffinity(0)), 2)[0]
+        assert infos[1]["cores"] == launch.core_blocks(sorted(os.sched_getaffinity(0)), 2)[1]
+
+
+def test_a_failing_process_stops_the_others_at_once(probe, tmp_path, capfd) -> None:
+    """Process 1 raises while process 0 waits for it in a collective. Without common.fail_fast the
+    failure would surface only after jax.distributed's 300 s shutdown barrier, as an abort."""
+    start = time.monotonic()
+    code = launch.launch("jaxprune_probe", [str(probe), "1"], 2, pin=False,
+                         logdir=str(tmp_path / "logs"))
+    elapsed = time.monotonic() - start
+    assert code == 1
+    assert elapsed < 120, elapsed
+    err = capfd.readouterr().err
+    assert "process 1 exited with status 1" in err and "RuntimeError: probe failure" in err, err
+    assert (probe / "probe_0.json").exists() and (probe / "probe_1.json").exists()
+
+
+def test_launch_refuses_unknown_modules_and_bad_counts() -> None:
+    with pytest.raises(ValueError, match="no module named 'experiments.nosuch'"):
+        launch.launch("experiments.nosuch", [], 2)
+    with pytest.raises(ValueError, match="at least one process"):
+        launch.launch("experiments.pft", [], 0)
+    with pytest.raises(ValueError, match="pinned processes but only"):
+        launch.launch("experiments.pft", [], len(os.sched_getaffinity(0)) + 1)
