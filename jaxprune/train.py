@@ -391,7 +391,7 @@ def _handler_registry():
     That store is where a multi-process save lost its time: every process other than 0 waits for
     process 0 to create the metadata directory, polling every 0.25 s (orbax 0.12.8,
     `array_metadata_store.Store._maybe_create_base_dir`), so each save of a two-process run took
-    288 ms against 26 ms in one process, 42 ms without the store (a 3 x 40 x 128 state, README
+    288 ms against 26 ms in one process, 42-48 ms without the store (a 3 x 40 x 128 state, README
     "Devices and hosts"). We restore to a target's shapes, dtypes and shardings, so the stored
     write shapes are not needed. The file format is PyTreeCheckpointHandler's (the one
     StandardCheckpointHandler writes), and checkpoints written through StandardSave restore.

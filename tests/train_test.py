@@ -92,6 +92,29 @@ def test_resume_after_kill_is_identical(vmapped, tmp_path):
     assert hist == vmapped[1]
 
 
+def test_checkpoints_of_the_standard_handler_restore(tmp_path):
+    """Checkpoints written through orbax's StandardSave (this project's format until the array
+    metadata store was turned off) restore through `restore_checkpoint`, leaf dtypes included; a
+    save on top of them is the next latest step."""
+    import orbax.checkpoint as ocp
+
+    old = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.int32(7),
+           "bn": {"scale": jnp.full((2,), 1.5, jnp.bfloat16)}}
+    with ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(create=True)) as m:
+        m.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                          meta=ocp.args.JsonSave({"hist": [1.5]})))
+        m.wait_until_finished()
+    target = jax.tree.map(jnp.zeros_like, old)
+    step, state, meta = train.restore_checkpoint(str(tmp_path), target)
+    assert step == 5 and meta == {"hist": [1.5]}
+    chex.assert_trees_all_equal(state, old)  # values and dtypes
+    new = jax.tree.map(lambda v: v + 1, old)
+    train.save_checkpoint(str(tmp_path), 6, new, {"hist": [2.5]})
+    step, state, meta = train.restore_checkpoint(str(tmp_path), target)
+    assert step == 6 and meta == {"hist": [2.5]}
+    chex.assert_trees_all_equal(state, new)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="strategy"):
         train.resolve_strategy("threads", "mlp")
