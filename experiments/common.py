@@ -20,8 +20,43 @@ from jaxprune import data as data_lib
 from jaxprune import models, stats
 
 
+CACHE_ENV = "JAXPRUNE_COMPILATION_CACHE"
+CACHE_MAX_BYTES = 2 << 30  # least recently used programs are evicted past this
+
+
+def compilation_cache_dir(env: Mapping[str, str] = os.environ) -> str | None:
+    """Where compiled XLA programs are kept between runs: $JAXPRUNE_COMPILATION_CACHE ("off", "0"
+    or "" disables it), else jax's own $JAX_COMPILATION_CACHE_DIR, else
+    $XDG_CACHE_HOME/jaxprune/xla (default ~/.cache/jaxprune/xla)."""
+    value = env.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false") else value
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return env["JAX_COMPILATION_CACHE_DIR"]
+    home = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "jaxprune", "xla")
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """jax's persistent compilation cache in `directory` (None: off), for every program however
+    quickly it compiled. A rerun of a study with the same shapes and flags then loads its programs
+    instead of compiling them (the pft demo: 38.7 s cold, 23.2 s warm, identical results; README
+    "Speed and scale"). The key covers the program, jax/XLA versions, XLA_FLAGS and devices, so a
+    stale entry cannot be loaded. Call before the first compile."""
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        import filelock  # noqa: F401  (jax needs it to bound the cache's size)
+    except ImportError:
+        return
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+
+
 def init_devices(verbose: bool = True) -> dict[str, Any]:
-    """Starts JAX's multi-host runtime if the environment asks for it; returns the device layout.
+    """Starts JAX's multi-host runtime if the environment asks for it and the persistent
+    compilation cache (`compilation_cache_dir`); returns the device layout.
 
     Call first in every experiment's `main`, before any JAX computation. It runs
     `jaxprune.sharding.initialize_from_env()` (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
@@ -34,6 +69,8 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
     """
     from jaxprune import sharding
 
+    cache = compilation_cache_dir()
+    enable_compilation_cache(cache)
     started = jax.distributed.is_initialized() or sharding.initialize_from_env()
     if started and jax.process_count() > 1:
         fail_fast()
@@ -43,7 +80,7 @@ def init_devices(verbose: bool = True) -> dict[str, Any]:
     if verbose:
         print(f"# devices: {info['device_count']} {info['platform']} "
               f"({info['local_device_count']} local), process {info['process_index']} of "
-              f"{info['process_count']}", flush=True)
+              f"{info['process_count']}; compilation cache: {cache or 'off'}", flush=True)
     return info
 
 

@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Studies started in subprocesses (sharding, launch tests) call common.init_devices, which turns on
+# the persistent compilation cache in ~/.cache; tests keep to their tmp dirs.
+os.environ["JAXPRUNE_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,4 +1,4 @@
-"""experiments/launch.py: P pinned processes joined by jax.distributed, and a failure that stops them all."""
+"""experiments/launch.py: P pinned processes joined by jax.distributed; a failure stops them all."""
 
 from __future__ import annotations
 
@@ -97,3 +97,51 @@ def test_launch_refuses_unknown_modules_and_bad_counts() -> None:
         launch.launch("experiments.pft", [], 0)
     with pytest.raises(ValueError, match="pinned processes but only"):
         launch.launch("experiments.pft", [], len(os.sched_getaffinity(0)) + 1)
+
+
+def test_compilation_cache_dir_from_the_environment() -> None:
+    from experiments import common
+
+    home = os.path.expanduser("~")
+    assert common.compilation_cache_dir({}) == os.path.join(home, ".cache", "jaxprune", "xla")
+    assert common.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/jaxprune/xla"
+    assert common.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/j"
+    both = {common.CACHE_ENV: "/p", "JAX_COMPILATION_CACHE_DIR": "/j"}
+    assert common.compilation_cache_dir(both) == "/p"
+    for off in ("off", "0", "", "None", "false"):
+        assert common.compilation_cache_dir({common.CACHE_ENV: off, "XDG_CACHE_HOME": "/c"}) is None
+
+
+CACHED = textwrap.dedent("""
+    import json, sys
+    from experiments import common
+    import jax, jax.numpy as jnp
+    from jax._src import monitoring
+
+    hits = []
+    monitoring.register_event_listener(
+        lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+    common.init_devices(verbose=False)
+    y = jax.jit(lambda a: jnp.tanh(a) * 3.0)(jnp.arange(5.0))
+    print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "hits": len(hits),
+                      "y": y.tolist()}))
+""")
+
+
+def test_init_devices_turns_on_the_compilation_cache(tmp_path) -> None:
+    """A second process finds the first one's program in the cache; "off" leaves jax's default."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXPRUNE_COMPILATION_CACHE": str(cache)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CACHED], env=env, check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["dir"] == runs[1]["dir"] == str(cache) and any(cache.iterdir())
+    assert runs[0]["hits"] == 0 and runs[1]["hits"] >= 1
+    assert runs[0]["y"] == runs[1]["y"]
+    off = json.loads(subprocess.run([sys.executable, "-c", CACHED],
+                                    env={**env, "JAXPRUNE_COMPILATION_CACHE": "off"}, check=True,
+                                    capture_output=True, text=True).stdout.splitlines()[-1])
+    assert off["dir"] is None and off["hits"] == 0
