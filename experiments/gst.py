@@ -402,8 +402,6 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     states and (R, E) arrays t_pre, t_post, train_acc, train_loss, and (R, E, L) pruned counts.
     Resumes from `ckpt_dir` (orbax, every `checkpoint_every` epochs and at the end).
     """
-    from tqdm.auto import tqdm
-
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
     xt, yt = jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
     steps = x.shape[0] // batch_size
@@ -436,8 +434,7 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
             start, states, meta = restored
             hist = {k: np.asarray(v, hist[k].dtype) for k, v in meta["hist"].items()}
     states = runner.wrap(states)
-    bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs,
-               disable=jax.process_index() > 0)  # one bar per job on several processes
+    bar = train.progress_bar(range(start, num_epochs), desc=desc, initial=start, total=num_epochs)
     for epoch in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
         idx = order_fn(keys)  # (R, steps, B): each run's own order, a function of its key

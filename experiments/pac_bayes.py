@@ -267,8 +267,6 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
     in chunks of mc_chunk networks. "per_example": M = mc_repeats * n 0-1 losses, a fresh network
     per example and repeat (self_bounded.per_example_errors), one chunk per repeat.
     """
-    from tqdm.auto import tqdm
-
     fold = jax.vmap(jax.random.fold_in, (0, None))
     kw = dict(model=model, prunable=prunable, variant=variant)
     # x, y are jit arguments, not closed-over constants (XLA would constant-fold the whole bound set).
@@ -277,8 +275,7 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
         fn = train.map_seeds(jax.vmap(functools.partial(sb.per_example_errors, repeats=1, **kw),
                                       in_axes=axes), (0, 0, None, None), strategy)
         out = [np.asarray(fn(fold(keys, i), posts, x, y))[:, :, 0]
-               for i in tqdm(range(int(c.mc_repeats)), desc=desc, unit="repeat",
-                             disable=jax.process_index() > 0)]
+               for i in train.progress_bar(range(int(c.mc_repeats)), desc=desc, unit="repeat")]
         return np.concatenate(out, axis=-1)
     if c.mc_scheme != "networks":
         raise ValueError(f"mc_scheme must be 'per_example' or 'networks', got {c.mc_scheme!r}")
@@ -288,8 +285,8 @@ def _mc_errors(c: config_dict.ConfigDict, keys: jax.Array, posts, x: jax.Array, 
         sb.sampled_errors, num_networks=chunk, networks_per_batch=networks_per_batch, **kw),
         in_axes=axes), (0, 0, None, None), strategy)
     out = [np.asarray(fn(fold(keys, i), posts, x, y))
-           for i in tqdm(range(-(-num // chunk)), desc=desc, unit=f"x{chunk} nets",
-                          disable=jax.process_index() > 0)]
+           for i in train.progress_bar(range(-(-num // chunk)), desc=desc,
+                                       unit=f"x{chunk} nets")]
     return np.concatenate(out, axis=-1)[..., :num]
 
 

@@ -235,8 +235,6 @@ def fit(
     """
     import time
 
-    from tqdm.auto import tqdm
-
     if cfg.steps % chunk_steps:
         chunk_steps = int(np.gcd(cfg.steps, chunk_steps))
     n_chunks = cfg.steps // chunk_steps
@@ -250,9 +248,8 @@ def fit(
         if restored is not None:
             start, states, meta = restored
             history = list(meta["history"])
-    # One bar per job: on several processes (multi-host) only process 0 draws it.
-    bar = tqdm(range(start, n_chunks), desc=desc, disable=not progress or jax.process_index() > 0,
-               initial=start, total=n_chunks)
+    bar = train.progress_bar(range(start, n_chunks), desc=desc, disable=not progress,
+                             initial=start, total=n_chunks)
     for c in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, c)
         t0 = time.perf_counter()

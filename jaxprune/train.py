@@ -176,6 +176,14 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXIS))
 
 
+def progress_bar(iterable: Any, *, disable: bool = False, **kwargs: Any) -> Any:
+    """tqdm over `iterable`, drawn by process 0 only: on several processes (multi-host) a job shows
+    one bar, not one per process."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=disable or jax.process_index() > 0, **kwargs)
+
+
 def minibatch(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x[idx], y[idx]), each marked with `constrain_batch`: the minibatch every scanned training
     body takes, split over the "batch" mesh axis when there is one."""
@@ -496,8 +504,6 @@ def fit(
     history are saved every cfg.checkpoint_every epochs and at the end, and a later call resumes from
     the latest checkpoint.
     """
-    from tqdm.auto import tqdm
-
     from jaxprune import sharding
 
     strategy = resolve_strategy(cfg.seed_strategy, model_name)
@@ -518,9 +524,8 @@ def fit(
         if restored is not None:
             start, states, meta = restored
             history = list(meta["history"])
-    # One bar per job: on several processes (multi-host) only process 0 draws it.
-    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not progress or jax.process_index() > 0,
-               initial=start, total=cfg.epochs)
+    bar = progress_bar(range(start, cfg.epochs), desc=desc, disable=not progress, initial=start,
+                       total=cfg.epochs)
     for epoch in bar:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, epoch)
         states, m = epoch_fn(states, x, y, keys)
