@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_dict, config_flags
 
 from experiments import common
-from jaxprune import masks, pft, train
+from jaxprune import pft, train
 from jaxprune import self_bounded as sb
 
 

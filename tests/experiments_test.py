@@ -3,8 +3,6 @@
 import json
 import os
 
-import jax
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

@@ -1,7 +1,5 @@
 """Many-seed training: vmap == sequential == single runs; pruned weights stay zero; exact resume."""
 
-import functools
-
 import chex
 import flax.linen as nn
 import jax
