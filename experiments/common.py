@@ -47,11 +47,73 @@ def enable_compilation_cache(directory: str | None) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    share_cpu_cache_between_processes()
     try:
         import filelock  # noqa: F401  (jax needs it to bound the cache's size)
     except ImportError:
         return
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+
+
+def host_cpu_signature() -> str:
+    """The host CPU's model and instruction-set flags (Linux /proc/cpuinfo; else what `platform`
+    knows): what XLA's CPU code generation depends on besides the program and versions."""
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        text = fields.get("model name", "") + "|" + fields.get("flags", fields.get("Features", ""))
+    except OSError:
+        text = ""
+    text = f"{platform.machine()}|{platform.processor()}|{text}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def share_cpu_cache_between_processes() -> bool:
+    """Lets every process of a CPU cluster load the programs process 0 cached.
+
+    jax's key for a cached program includes the device assignment and a fingerprint of the
+    backend's topology. Only process 0 writes entries, and on CPU both parts differ from process to
+    process of one cluster (jax makes the key process-invariant only on GPUs), so on several CPU
+    processes every other process compiled every program on every run: process 1 of the
+    two-process pft demo spent 19 of its 48 s compiling 79 programs while process 0 waited for it
+    in collectives. On several CPU processes the key here is built as jax builds it on GPUs (device
+    assignment stripped; the executable is loaded onto the calling program's own devices) with the
+    topology fingerprint replaced by the device kinds and the host CPU (`host_cpu_signature`, so a
+    host with another CPU never loads it). Single-process and GPU keys are untouched. This
+    replaces two private jax functions; returns False, changing nothing, when a jax version no
+    longer has them (tests/launch_test.py then fails).
+    """
+    try:
+        from jax._src import cache_key
+        hash_config = cache_key._hash_accelerator_config
+        hash_options = cache_key._hash_serialized_compile_options
+        hash_string = cache_key._hash_string
+    except (ImportError, AttributeError):
+        return False
+    if getattr(hash_config, "jaxprune", False):
+        return True
+    host = host_cpu_signature()
+
+    def cpu_cluster() -> bool:
+        return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+    def hash_accelerator_config(hash_obj: Any, accelerators: np.ndarray) -> None:
+        devices = list(accelerators.flat)
+        if cpu_cluster() and all(d.platform == "cpu" for d in devices):
+            hash_string(hash_obj, "jaxprune cpu " + host + " " + ",".join(d.device_kind for d in devices))
+        else:
+            hash_config(hash_obj, accelerators)
+
+    def hash_compile_options(hash_obj: Any, options: Any, strip_device_assignment: bool = False) -> Any:
+        return hash_options(hash_obj, options, strip_device_assignment=strip_device_assignment or cpu_cluster())
+
+    hash_accelerator_config.jaxprune = True  # type: ignore[attr-defined]
+    cache_key._hash_accelerator_config = hash_accelerator_config
+    cache_key._hash_serialized_compile_options = hash_compile_options
+    return True
 
 
 def init_devices(verbose: bool = True) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from experiments import launch
@@ -145,3 +146,53 @@ def test_init_devices_turns_on_the_compilation_cache(tmp_path) -> None:
                                     env={**env, "JAXPRUNE_COMPILATION_CACHE": "off"}, check=True,
                                     capture_output=True, text=True).stdout.splitlines()[-1])
     assert off["dir"] is None and off["hits"] == 0
+
+
+# A program on one process's device and one that spans both processes (seed-sharded input,
+# replicated output), and how many programs each process loaded from the cache or compiled.
+SPANNING = textwrap.dedent("""
+    import json, os, sys
+    from experiments import common
+    import jax, jax.numpy as jnp, numpy as np
+    from jax._src import monitoring
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    events = []
+    monitoring.register_event_listener(lambda event, **kw: events.append(event.split("/")[-1]))
+    common.init_devices(verbose=False)
+    local = jax.jit(lambda a: a * 2.0 + 1.0)(np.arange(4.0))  # on this process's device only
+    mesh = Mesh(np.array(jax.devices()), ("seeds",))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("seeds")),
+                                               np.arange(3.0) + 3 * jax.process_index())
+    f = jax.jit(lambda a: jnp.cumsum(jnp.tanh(a)), out_shardings=NamedSharding(mesh, P()))
+    y = np.asarray(f(x).addressable_data(0))
+    with open(os.path.join(sys.argv[1], f"probe_{jax.process_index()}.json"), "w") as out:
+        hits = events.count("cache_hits")
+        json.dump({"hits": hits, "compiled": events.count("compile_requests_use_cache") - hits,
+                   "y": y.tolist(), "local": np.asarray(local).tolist()}, out)
+""")
+
+
+def test_every_process_hits_the_compilation_cache(tmp_path, monkeypatch) -> None:
+    """On CPU jax's own cache key differs between the processes of one cluster, so process 1 never
+    hit and recompiled everything on every run; with `common.share_cpu_cache_between_processes`
+    a second run compiles nothing on either process (the local and the spanning program both
+    hit), with the same results."""
+    (tmp_path / "jaxprune_spanning.py").write_text(SPANNING)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), repo]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", str(tmp_path / "xla"))
+    runs = []
+    for r in range(2):
+        out = tmp_path / f"run{r}"
+        out.mkdir()
+        assert launch.launch("jaxprune_spanning", [str(out)], 2, pin=False,
+                             logdir=str(tmp_path / f"logs{r}")) == 0
+        runs.append([json.loads((out / f"probe_{i}.json").read_text()) for i in range(2)])
+    assert [(p["hits"] >= 2, p["compiled"]) for p in runs[1]] == [(True, 0), (True, 0)], runs
+    expected = np.cumsum(np.tanh(np.arange(6.0)))
+    for run in runs:
+        for p in run:
+            np.testing.assert_allclose(p["y"], expected, rtol=1e-6)
+            assert p["local"] == [1.0, 3.0, 5.0, 7.0]
