@@ -33,12 +33,17 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def probe(tmp_path, monkeypatch):
-    (tmp_path / "jaxprune_probe.py").write_text(PROBE)
+def install_module(name: str, source: str, tmp_path, monkeypatch) -> None:
+    """Makes `source` importable as `name` here and in the processes the launcher starts."""
+    (tmp_path / f"{name}.py").write_text(source)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), repo]))
     monkeypatch.syspath_prepend(str(tmp_path))  # the launcher checks the module exists
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    install_module("jaxprune_probe", PROBE, tmp_path, monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     return out
@@ -178,10 +183,7 @@ def test_every_process_hits_the_compilation_cache(tmp_path, monkeypatch) -> None
     hit and recompiled everything on every run; with `common.share_cpu_cache_between_processes`
     a second run compiles nothing on either process (the local and the spanning program both
     hit), with the same results."""
-    (tmp_path / "jaxprune_spanning.py").write_text(SPANNING)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), repo]))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_module("jaxprune_spanning", SPANNING, tmp_path, monkeypatch)
     monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", str(tmp_path / "xla"))
     runs = []
     for r in range(2):
