@@ -425,16 +425,14 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     rows, and they equal one process with one device and "vmap" (the tolerances of the 4-device
     tests above); the training loops keep their states seed-sharded; only process 0 draws the
     training progress bars."""
-    base = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
-              "OMPI_COMM_WORLD_SIZE"):
-        base.pop(v, None)
-    dist = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{launch.free_port()}", "JAX_NUM_PROCESSES": "2"}
+    base = {k: v for k, v in os.environ.items() if k not in launch.CLUSTER_VARIABLES}
+    base["JAX_PLATFORMS"] = "cpu"
+    envs = launch.child_envs(2, launch.free_port(),
+                             {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     cmd = [sys.executable, "-c", MULTIPROCESS_SCRIPT]
-    procs = [subprocess.Popen(cmd + [str(tmp_path / "shared"), "sharded"],
-                              env={**dist, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen(cmd + [str(tmp_path / "shared"), "sharded"], env=envs[i],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     procs.append(subprocess.Popen(cmd + [str(tmp_path / "ref"), "vmap"], env=base,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs, bars = [], []
