@@ -100,9 +100,9 @@ def get_config() -> config_dict.ConfigDict:
     c.pool_impl = ""
     # "all": runs split over every device of every process (run j of the list on device j mod d,
     # hosts interleaved; one thread per local device); "none": every run on this process's first
-    # device;
-    # "auto": "all" on accelerators or several processes, "none" for the CPU devices of one process
-    # (2 host devices on 2 cores: 0.68x, each measure slows down and compiles twice; README).
+    # device; "auto": "all" on accelerators or several processes, "none" for the CPU devices of
+    # one process (2 host devices on 2 cores: 0.68x, each measure slows down and compiles twice;
+    # README).
     c.split_runs = "auto"
     c.quick = False  # tests: 64 examples, few probes and iterations
     return c
