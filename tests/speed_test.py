@@ -1,14 +1,17 @@
-"""The vmap-friendly conv ("shifts") equals nn.Conv, alone and vmapped over seeds (tiny shapes)."""
+"""The fast CPU convs equal nn.Conv: "shifts" alone and vmapped over seeds, "canonical" under every
+transform (tiny shapes); smoke tests of the speed benchmarks."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
 import chex
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,6 +52,82 @@ def test_shifts_conv_matches_flax_conv_and_vmaps(spatial, ksize, strides, paddin
     (_, y0), g0 = jax.jit(grads(ours))(kernel_S[0], x_S[0])  # no vmap: seed 0 alone
     np.testing.assert_allclose(y0, y[0], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(g0, jax.tree.map(lambda v: v[0], g), rtol=1e-5, atol=1e-6)
+
+
+# The last case's stride-3 windows leave two rows of the padded input unread (the dW conv crops them).
+CANONICAL_CASES = [*CASES, ((7, 6), (3, 2), (3, 2), ((1, 4), (0, 2)), 2, 3)]
+
+
+@pytest.mark.parametrize("spatial,ksize,strides,padding,cin,cout", CANONICAL_CASES)
+def test_canonical_conv_equals_autodiff_of_xla_under_every_transform(
+        spatial, ksize, strides, padding, cin, cout) -> None:
+    s = 3  # seeds
+    x_key, k_key, v_key = jax.random.split(jax.random.key(0), 3)
+    x_S = jax.random.normal(x_key, (s, 8, *spatial, cin))  # 8 rows: the lax.map path under vmap
+    kernel_S = jax.random.normal(k_key, (s, *ksize, cin, cout)) / np.sqrt(math.prod(ksize) * cin)
+    v = jax.random.normal(v_key, kernel_S.shape[1:])
+
+    def loss(impl: str, kernel: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(layers.conv(x, kernel, strides, padding, impl)))
+
+    def each(impl: str) -> dict:
+        g = jax.grad(functools.partial(loss, impl), (0, 1))
+        gk = lambda k, x: g(k, x)[0]  # noqa: E731
+        hvp = lambda k, x: jax.jvp(lambda k: gk(k, x), (k,), (v,))[1]  # noqa: E731
+        k0, x0 = kernel_S[0], x_S[0]
+        return {
+            "value": jax.jit(functools.partial(loss, impl))(k0, x0),
+            "grad": jax.jit(g)(k0, x0),
+            "vmap seeds": jax.jit(jax.vmap(g))(kernel_S, x_S),
+            "vmap seeds, 2 rows": jax.jit(jax.vmap(g))(kernel_S, x_S[:, :2]),  # the shifts path
+            "vmap seeds, shared x": jax.jit(jax.vmap(g, (0, None)))(kernel_S, x0),
+            "grad of vmap": jax.jit(jax.grad(lambda k: jax.vmap(functools.partial(loss, impl))(
+                k, x_S).sum()))(kernel_S),
+            "hvp": jax.jit(hvp)(k0, x0),
+            "vmap hvp": jax.jit(jax.vmap(hvp))(kernel_S, x_S),
+            "grad of grad": jax.jit(jax.grad(lambda k: jnp.sum(gk(k, x0) * v)))(k0),
+            "scan": jax.jit(lambda k: jax.lax.scan(lambda k, _: (k - 0.1 * gk(k, x0), None), k, None,
+                                                   length=2)[0])(k0),
+        }
+
+    ours, ref = each("canonical"), each("xla")
+    for name in ref:
+        chex.assert_trees_all_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, custom_message=name)
+
+
+def test_canonical_backward_convs_keep_the_forward_layout() -> None:
+    """The point of "canonical": no conv with permuted dimension numbers in the gradient (jaxpr)."""
+    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    canonical = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def conv_layouts(impl: str) -> set:
+        loss = lambda x, k: jnp.sum(layers.conv(x, k, (2, 2), "SAME", impl) ** 2)  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k)
+        found = set()
+
+        def walk(j):
+            for eqn in j.eqns:
+                if eqn.primitive.name == "conv_general_dilated":
+                    found.add(eqn.params["dimension_numbers"])
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    assert conv_layouts("canonical") == {canonical}
+    assert conv_layouts("xla") - {canonical}  # autodiff's dW conv is permuted
+
+
+def test_auto_picks_canonical_only_where_it_measured_faster() -> None:
+    assert jax.default_backend() == "cpu"
+    assert layers.auto_impl((64, 14, 14, 8), (1, 1)) == "canonical"
+    assert layers.auto_impl((64, 3, 3, 32), (1, 1)) == "canonical"
+    assert layers.auto_impl((64, 14, 14, 8), (2, 2)) == "shifts"  # strided
+    assert layers.auto_impl((64, 14, 14, 3), (1, 1)) == "shifts"  # first layer
+    assert layers.auto_impl((64, 8, 8, 64), (1, 1)) == "shifts"  # wide
+    assert layers.auto_impl((64, 2, 2, 32), (1, 1)) == "shifts"  # 2x2 map
+    assert layers.auto_impl((64, 40, 16), (1,)) == "canonical"  # 1-D
 
 
 def test_shifts_is_a_conv_impl() -> None:

@@ -14,32 +14,44 @@ Conv implementations (`impl`):
                shifted by window offset k (window-major: index k * C + c, so W is the HWIO kernel
                flattened as is). Pure data movement plus one matmul; its gradient is pads and adds.
                Under vmap over seeds it becomes a batched matmul over the seed axis (no grouped conv).
-  * "auto":    on the CPU backend "shifts" everywhere: XLA CPU's native conv is slow on 2x2 maps,
-               under vmap (grouped convs) and, worst, inside `lax.scan` (small_cnn on 32x32x3, batch
-               128: 1.3 s per jitted step, 32 s per step inside `train_epoch`'s scan; "shifts" 0.6 s
-               either way; README "Speed and scale"). Elsewhere "patches" on maps with H*W <= 4 and
-               "xla" otherwise.
+  * "canonical": `lax.conv_general_dilated` forward with a custom VJP: dx and dW are themselves forward
+               convs on operands transposed to NHWC / HWIO (`_canonical_dx`, `_canonical_dw`), the
+               form XLA CPU runs with Eigen. Autodiff's own backward convs (permuted dimension
+               numbers) are as fast in a lone jit but hit XLA CPU's naive loop emitter inside
+               `lax.scan` (jax issue #12868): small_cnn on 32x32x3, batch 128, 32 s per scanned step.
+               Values equal "xla" (bitwise, in our tests). Under vmap with both operands batched
+               (seeds) the convs run seed by seed (lax.map) instead of as a grouped conv; forward-mode
+               derivatives (Hessian-vector products) use the "shifts" form.
+  * "auto":    on the CPU backend, per layer: "canonical" for stride-1 convs with 8 <= C_in < 64 on
+               maps larger than 2x2, where im2col's data movement dominates a small matmul (single
+               seed, in a scan: small_cnn 14x14 / 32x32 1.22x, ResNet20 14x14 / 32x32 1.36x / 1.42x
+               faster than all-"shifts", docs/speed.md), and "shifts" elsewhere (strided convs, first
+               layers, wide layers: even or slower as "canonical"; 2x2 maps: 75x slower). Elsewhere
+               "patches" on maps with H*W <= 4 and "xla" otherwise.
 Pool implementations (`pool_impl`): "reshape" (reshape + max, about 8x faster gradient on CPU) or
 "xla" (`nn.max_pool`). Both are VALID 2x2 / stride-2 pools: odd trailing rows and columns are dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 PyTree = Any
 Padding = str | Sequence[tuple[int, int]]
 
-CONV_IMPLS = ("auto", "xla", "patches", "shifts")
+CONV_IMPLS = ("auto", "xla", "patches", "shifts", "canonical")
 POOL_IMPLS = ("reshape", "xla")
 SMALL_MAP_PIXELS = 4  # "auto" uses patches when prod(spatial) <= this (maps <= 2x2).
+CANONICAL_CHANNELS = (8, 64)  # "auto" on CPU: "canonical" for lo <= C_in < hi (docstring)
 
 # He et al. (2015) init, kaiming_normal_(mode="fan_out", nonlinearity="relu") as in the PyTorch code of
 # the generalization-stability paper (VGG11, ResNet20/56): Var[w] = 2 / (O * kh * kw), untruncated.
@@ -114,6 +126,164 @@ def conv_shifts(
     return jax.lax.dot_general(patches, w, (((patches.ndim - 1,), (0,)), ((), ())))
 
 
+def _vjp_pads(
+    in_size: Sequence[int], window: Sequence[int], out: Sequence[int], strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
+    """Paddings of the two backward convs of y = x * W (stride s, pads (lo, hi), window K, out n).
+
+    dx: the transposed conv, g dilated by s and correlated with the flipped kernel, padded by
+    (K - 1 - lo, in + K - 1 - ((n - 1) s + 1) - (K - 1 - lo)) (as `lax.conv_transpose`).
+    dW: the input correlated with g dilated by s, padded by (lo, hi - r) where r = in + lo + hi - K -
+    (n - 1) s >= 0 is what the forward conv's last window leaves unread; a negative hi - r becomes a
+    crop of the input (`crop`), so no conv sees a negative padding.
+    """
+    dx_pads, dw_pads, crop = [], [], []
+    for n_in, k, n_out, s, (lo, hi) in zip(in_size, window, out, strides, pads):
+        before = k - 1 - lo
+        dx_pads.append((before, n_in + k - 1 - ((n_out - 1) * s + 1) - before))
+        unread = n_in + lo + hi - k - (n_out - 1) * s
+        dw_pads.append((lo, max(hi - unread, 0)))
+        crop.append(max(unread - hi, 0))
+    return dx_pads, dw_pads, crop
+
+
+def _canonical_dx(g: jax.Array, kernel: jax.Array, in_size: tuple[int, ...], strides: tuple[int, ...],
+                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """dx[n, i, c] = sum_{p, k: s p + k = i + lo} g[n, p, o] W[k, c, o] for y = x * W.
+
+    A stride-1 conv of g, dilated by s, with the flipped kernel and I, O swapped: NHWC / HWIO like the
+    forward conv, which XLA CPU runs with its fast (Eigen) conv, inside loops too.
+    """
+    nd = kernel.ndim - 2
+    dx_pads, _, _ = _vjp_pads(in_size, kernel.shape[:nd], g.shape[1:-1], strides, pads)
+    flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+    return jax.lax.conv_general_dilated(g, flipped, (1,) * nd, dx_pads, lhs_dilation=strides,
+                                        dimension_numbers=_dimension_numbers(nd))
+
+
+def _canonical_dw(x: jax.Array, g: jax.Array, window: tuple[int, ...], strides: tuple[int, ...],
+                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """dW[k, c, o] = sum_{n, p} x_pad[n, s p + k, c] g[n, p, o] for y = x * W.
+
+    A stride-1 conv whose batch is c, whose features are n and whose kernel is g (dilated by s), on
+    explicitly transposed operands. Autodiff writes this conv with permuted dimension numbers instead,
+    which XLA CPU runs on its naive loop emitter inside `lax.scan` (jax issue #12868; 0.8-3 s instead
+    of 7-21 ms per call at ResNet20's shapes, docs/speed.md).
+    """
+    nd = len(window)
+    spatial = tuple(range(1, nd + 1))
+    _, dw_pads, crop = _vjp_pads(x.shape[1:-1], window, g.shape[1:-1], strides, pads)
+    if any(crop):
+        x = x[(slice(None), *(slice(0, n - c) for n, c in zip(x.shape[1:-1], crop)), slice(None))]
+    xt = jnp.transpose(x, (nd + 1, *spatial, 0))  # (C, *spatial, N)
+    gt = jnp.transpose(g, (*spatial, 0, nd + 1))  # (*out, N, O)
+    dw = jax.lax.conv_general_dilated(xt, gt, (1,) * nd, dw_pads, rhs_dilation=strides,
+                                      dimension_numbers=_dimension_numbers(nd))  # (C, *window, O)
+    return jnp.transpose(dw, (*spatial, 0, nd + 1))
+
+
+# Under vmap with both operands batched (S seeds), a conv becomes a grouped conv, which XLA CPU runs
+# 2-5x slower than S convs (ENV.md). The "canonical" ops then loop over the batch (lax.map) when each
+# element is a real minibatch, and fall back to "shifts" (a batched matmul) when it is tiny, e.g. one
+# example of per-example gradients, where S iterations of a 1-row conv would be slowest of all.
+MAP_MIN_ROWS = 8
+
+
+def _bilinear(canonical: Callable, shifts: Callable, rows: Callable) -> Callable:
+    """op(a, b), linear in each argument, as a custom_vmap (the rule above) wrapped in a custom_jvp.
+
+    The custom_jvp gives forward mode, d op = shifts(da, b) + shifts(a, db) (Hessian-vector
+    products, also vmapped), without differentiating the custom_vmap: jax 0.10.2 fails to batch a
+    custom_vmap's JVP here. The tangent is plain jnp code, so reverse-over-reverse works too.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def batched(a, b):
+        return canonical(a, b)
+
+    @batched.def_vmap
+    def _(axis_size, in_batched, a, b):
+        if all(in_batched) and rows(a, b) >= MAP_MIN_ROWS:
+            return jax.lax.map(lambda ab: canonical(*ab), (a, b)), True
+        if all(in_batched):
+            return jax.vmap(shifts)(a, b), True
+        if not any(in_batched):  # reached from the batched JVP: nothing to batch
+            return canonical(a, b), False
+        # One operand batched: jax's own rule folds the batch into N, C or O (no grouped conv).
+        return jax.vmap(canonical, tuple(0 if v else None for v in in_batched))(a, b), True
+
+    @jax.custom_jvp
+    def op(a, b):
+        return batched(a, b)
+
+    def op_jvp(primals, tangents):
+        a, b = primals
+        da, db = tangents
+        terms = [shifts(da, b)] if not isinstance(da, SymbolicZero) else []
+        if not isinstance(db, SymbolicZero):
+            terms.append(shifts(a, db))
+        return op(a, b), functools.reduce(jnp.add, terms)
+
+    op.defjvp(op_jvp, symbolic_zeros=True)
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical_conv(in_size: tuple[int, ...], window: tuple[int, ...], strides: tuple[int, ...],
+                    pads: tuple[tuple[int, int], ...]) -> Callable:
+    """conv(x, kernel) of one geometry: `conv_xla` forward, custom VJP of two canonical convs."""
+
+    forward = _bilinear(lambda x, k: conv_xla(x, k, strides, pads),
+                        lambda x, k: conv_shifts(x, k, strides, pads),
+                        lambda x, k: x.shape[1])
+    def shifts_dx(g, k):  # conv_shifts is linear in x: its VJP at x = 0 is the VJP
+        zero = jnp.zeros((g.shape[0], *in_size, k.shape[-2]), g.dtype)
+        return jax.vjp(lambda x: conv_shifts(x, k, strides, pads), zero)[1](g)[0]
+
+    def shifts_dw(x, g):
+        zero = jnp.zeros((*window, x.shape[-1], g.shape[-1]), g.dtype)
+        return jax.vjp(lambda k: conv_shifts(x, k, strides, pads), zero)[1](g)[0]
+
+    dx = _bilinear(lambda g, k: _canonical_dx(g, k, in_size, strides, pads), shifts_dx,
+                   lambda g, k: g.shape[1])
+    dw = _bilinear(lambda x, g: _canonical_dw(x, g, window, strides, pads), shifts_dw,
+                   lambda x, g: x.shape[1])
+
+    @jax.custom_vjp
+    def conv(x, kernel):
+        return forward(x, kernel)
+
+    conv.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)),
+                lambda res, g: (dx(g, res[1]), dw(res[0], g)))
+    return conv
+
+
+def conv_canonical(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """y = x * kernel by `lax.conv_general_dilated`, with a custom VJP whose two backward passes are
+    forward convs on canonically laid-out operands (`_canonical_dx`, `_canonical_dw`); identical
+    values to autodiff of "xla", and fast on XLA CPU inside `lax.scan`, where autodiff's are not."""
+    nd = kernel.ndim - 2
+    strides = tuple(int(s) for s in strides)
+    pads = jax.lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:nd], strides, padding) if isinstance(
+        padding, str) else padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _canonical_conv(tuple(x.shape[1:-1]), tuple(kernel.shape[:nd]), strides, pads)(x, kernel)
+
+
+def auto_impl(x_shape: Sequence[int], strides: Sequence[int]) -> str:
+    """What "auto" runs for one conv layer with input shape (N, *spatial, C) (module docstring)."""
+    pixels = math.prod(x_shape[1:-1])
+    if jax.default_backend() != "cpu":
+        return "patches" if pixels <= SMALL_MAP_PIXELS else "xla"
+    lo, hi = CANONICAL_CHANNELS
+    if all(s == 1 for s in strides) and lo <= x_shape[-1] < hi and pixels > SMALL_MAP_PIXELS:
+        return "canonical"
+    return "shifts"
+
+
 def conv(
     x: jax.Array,
     kernel: jax.Array,
@@ -124,14 +294,13 @@ def conv(
     """Dispatches on `impl` (module docstring); the single switch point for conv implementations."""
     check_impl(impl)
     if impl == "auto":
-        if jax.default_backend() == "cpu":
-            impl = "shifts"
-        else:
-            impl = "patches" if math.prod(x.shape[1:-1]) <= SMALL_MAP_PIXELS else "xla"
+        impl = auto_impl(x.shape, strides)
     if impl == "patches":
         return conv_patches(x, kernel, strides, padding)
     if impl == "shifts":
         return conv_shifts(x, kernel, strides, padding)
+    if impl == "canonical":
+        return conv_canonical(x, kernel, strides, padding)
     return conv_xla(x, kernel, strides, padding)
 
 
