@@ -4,8 +4,9 @@ Write init and step for ONE seed; `map_seeds` runs S seeds either as one vmapped
 calls of one compiled single-seed program (`strategy="sequential"`), or either of them with the
 seeds split over devices ("sharded", "sharded_sequential"): all give the same numbers up to float
 reassociation. XLA on CPU runs a vmapped convolution 4-5x slower than the seeds one after another
-(shared/ENV.md), and even as batched matmuls (conv_impl "shifts") vmapped conv seeds run at
-0.75-0.98x of separate runs on 2 cores (README, "Speed and scale"), so `default_strategy` picks
+(shared/ENV.md), and even as batched matmuls (conv_impl "shifts": 0.75-0.98x of separate runs on 2
+cores) or as convs looped over the seeds ("canonical": 0.84-0.94x of "sequential") vmapped conv
+seeds are slower than sequential ones here (README, "Speed and scale"), so `default_strategy` picks
 sequential for conv nets on CPU and vmap elsewhere.
 
 Masked weights stay exactly zero: the gradient is masked and the mask re-applied after every update.

@@ -10,7 +10,7 @@ synthetic 32x32x3 batches. Every ratio is measured side by side in this one proc
 configuration is timed `repeats` times (best reported, spread printed, since the machine is shared).
 The VGG11-BN rows time one jitted train step (no scan) of conv_impl="xla", pool_impl="xla" (exactly
 nn.Conv + nn.max_pool) against the reshape-max pool with "xla" / "patches" convs and the defaults
-("auto", which is "shifts" on CPU).
+("auto": on CPU "canonical" or "shifts" per layer; VGG11's layers all get "shifts").
 Not a test: numbers depend on the machine (printed in the header).
 """
 
