@@ -5,8 +5,8 @@ calls of one compiled single-seed program (`strategy="sequential"`), or either o
 seeds split over devices ("sharded", "sharded_sequential"): all give the same numbers up to float
 reassociation. XLA on CPU runs a vmapped convolution 4-5x slower than the seeds one after another
 (shared/ENV.md), and even as batched matmuls (conv_impl "shifts": 0.75-0.98x of separate runs on 2
-cores) or as convs looped over the seeds ("canonical": 0.84-0.94x of "sequential") vmapped conv
-seeds are slower than sequential ones here (README, "Speed and scale"), so `default_strategy` picks
+cores) or as one conv per seed ("canonical": 0.89-1.07x of "sequential") vmapped conv seeds are
+no faster than sequential ones here (README, "Speed and scale"), so `default_strategy` picks
 sequential for conv nets on CPU and vmap elsewhere.
 
 Masked weights stay exactly zero: the gradient is masked and the mask re-applied after every update.

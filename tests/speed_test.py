@@ -63,7 +63,7 @@ def test_canonical_conv_equals_autodiff_of_xla_under_every_transform(
         spatial, ksize, strides, padding, cin, cout) -> None:
     s = 3  # seeds
     x_key, k_key, v_key = jax.random.split(jax.random.key(0), 3)
-    x_S = jax.random.normal(x_key, (s, 8, *spatial, cin))  # 8 rows: the lax.map path under vmap
+    x_S = jax.random.normal(x_key, (s, 8, *spatial, cin))  # 8 rows: one conv per seed under vmap
     kernel_S = jax.random.normal(k_key, (s, *ksize, cin, cout)) / np.sqrt(math.prod(ksize) * cin)
     v = jax.random.normal(v_key, kernel_S.shape[1:])
 
@@ -79,6 +79,8 @@ def test_canonical_conv_equals_autodiff_of_xla_under_every_transform(
             "value": jax.jit(functools.partial(loss, impl))(k0, x0),
             "grad": jax.jit(g)(k0, x0),
             "vmap seeds": jax.jit(jax.vmap(g))(kernel_S, x_S),
+            "vmap 11 seeds": jax.jit(jax.vmap(g))(  # a group of 8 unrolled seeds, then 3
+                jnp.concatenate([kernel_S] * 4)[:11], jnp.concatenate([x_S] * 4)[:11]),
             "vmap seeds, 2 rows": jax.jit(jax.vmap(g))(kernel_S, x_S[:, :2]),  # the shifts path
             "vmap seeds, shared x": jax.jit(jax.vmap(g, (0, None)))(kernel_S, x0),
             "grad of vmap": jax.jit(jax.grad(lambda k: jax.vmap(functools.partial(loss, impl))(
