@@ -168,8 +168,8 @@ def _canonical_dw(x: jax.Array, g: jax.Array, window: tuple[int, ...], strides: 
 
     A stride-1 conv whose batch is c, whose features are n and whose kernel is g (dilated by s), on
     explicitly transposed operands. Autodiff writes this conv with permuted dimension numbers instead,
-    which XLA CPU runs on its naive loop emitter inside `lax.scan` (jax issue #12868; 0.8-3 s instead
-    of 7-21 ms per call at ResNet20's shapes, docs/speed.md).
+    which XLA CPU runs on its naive loop emitter inside `lax.scan` (jax issue #12868; 0.8-3.2 s instead
+    of 7-21 ms per call at 128 x 32x32 x 16 and 128 x 16x16 x 64 channels, docs/speed.md).
     """
     nd = len(window)
     spatial = tuple(range(1, nd + 1))
