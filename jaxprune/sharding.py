@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprune import train
+from jaxprune.models import layers
 
 PyTree = Any
 
@@ -187,6 +188,17 @@ def to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(np.asarray, tree)
 
 
+def _batched_seed_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn traced under `layers.batched_seed_convs`: no per-seed convs on a sharded seed axis."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        with layers.batched_seed_convs():
+            return fn(*args)
+
+    return traced
+
+
 def map_seeds_sharded(
     fn: Callable[..., Any],
     in_axes: Sequence[int | None],
@@ -222,8 +234,8 @@ def map_seeds_sharded(
             out = NamedSharding(mesh, P(SEEDS) if jax.process_count() == 1 else P())
             if returns_state:
                 out = (NamedSharding(mesh, P(SEEDS)), out)
-            compiled[n] = jax.jit(jax.vmap(fn, in_axes=in_axes, spmd_axis_name=SEEDS),
-                                  out_shardings=out)
+            compiled[n] = jax.jit(jax.vmap(_batched_seed_convs(fn), in_axes=in_axes,
+                                           spmd_axis_name=SEEDS), out_shardings=out)
         with jax.set_mesh(mesh):  # the mesh that train.constrain_batch sees while tracing
             return compiled[n](*placed)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import chex
@@ -97,28 +98,45 @@ def test_canonical_conv_equals_autodiff_of_xla_under_every_transform(
         chex.assert_trees_all_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, custom_message=name)
 
 
+def _convs(fn: Callable, *args: jax.Array) -> list:
+    """dimension_numbers of every conv_general_dilated in fn's jaxpr (sub-jaxprs included)."""
+    found = []
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found.append(eqn.params["dimension_numbers"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
 def test_canonical_backward_convs_keep_the_forward_layout() -> None:
     """The point of "canonical": no conv with permuted dimension numbers in the gradient (jaxpr)."""
     x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
     canonical = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
 
-    def conv_layouts(impl: str) -> set:
+    def layouts(impl: str) -> set:
         loss = lambda x, k: jnp.sum(layers.conv(x, k, (2, 2), "SAME", impl) ** 2)  # noqa: E731
-        jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k)
-        found = set()
+        return set(_convs(jax.grad(loss, (0, 1)), x, k))
 
-        def walk(j):
-            for eqn in j.eqns:
-                if eqn.primitive.name == "conv_general_dilated":
-                    found.add(eqn.params["dimension_numbers"])
-                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                    walk(sub)
+    assert layouts("canonical") == {canonical}
+    assert layouts("xla") - {canonical}  # autodiff's dW conv is permuted
 
-        walk(jaxpr.jaxpr)
-        return found
 
-    assert conv_layouts("canonical") == {canonical}
-    assert conv_layouts("xla") - {canonical}  # autodiff's dW conv is permuted
+def test_batched_seed_convs_switches_vmapped_canonical_convs_to_matmuls() -> None:
+    x, k = jnp.ones((3, 8, 6, 6, 8)), jnp.ones((3, 3, 3, 8, 4))  # 3 seeds
+
+    def f() -> Callable:  # a new function per trace: jax caches traces per function
+        return jax.vmap(lambda x, k: layers.conv(x, k, (1, 1), "VALID", "canonical"))
+
+    assert len(_convs(f(), x, k)) == 3  # one conv per seed
+    with layers.batched_seed_convs():  # what sharding.map_seeds_sharded traces under
+        assert not _convs(f(), x, k)
+        np.testing.assert_allclose(jax.jit(f())(x, k), 72.0)  # 3 x 3 x 8 ones
+    assert len(_convs(f(), x, k)) == 3
 
 
 def test_auto_picks_canonical_only_where_it_measured_faster() -> None:
