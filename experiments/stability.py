@@ -52,7 +52,7 @@ def get_config() -> config_dict.ConfigDict:
     c.data = config_dict.create(name="fashion_mnist", data_dir="", num_train=1024, num_test=1000,
                                 num_samples=0, downsample=2, fallback="digits")
     # conv_impl "auto" on CPU is "canonical" or "shifts" per layer (models/layers.py). Results
-    # committed before 2026-11-29 21:30 UTC used "shifts" everywhere, and before 2026-11-28 11:00 UTC
+    # committed before 2026-11-29 21:00 UTC used "shifts" everywhere, and before 2026-11-28 11:00 UTC
     # "xla": pass --config.model.kwargs.conv_impl=shifts (or xla) to reproduce them to the bit.
     c.model = config_dict.create(name="small_cnn", kwargs=config_dict.create(
         channels=(8, 8, 16, 16, 32, 32), dense=64, batch_norm=True, conv_impl="auto"))
