@@ -209,8 +209,11 @@ def test_stability_sharded_over_devices_equals_one_device() -> None:
     """experiments/stability.py (gst.Runner) on 4 fake devices; its 10 runs split over 2 devices (the
     largest divisor of 10 that fits; with batch_shards = 2, 2 runs x 2 batch shards). "sharded_sequential" (the same single-run programs on two
     devices) equals "sequential" exactly. "sharded" (vmap per device) equals one-device "vmap" up
-    to float reassociation: losses to 1e-5, test accuracy within one of the 360 examples (a
-    reassociation flips one near-tie prediction; "sequential" against "vmap" does the same)."""
+    to float reassociation: losses to 1e-5, test accuracy within two of the 360 examples. The quick
+    nets sit near chance with many near-ties, and the two sum differently: on a sharded seed axis
+    the vmapped convs are batched matmuls, on one device one XLA conv per seed (models/layers.py,
+    `batched_seed_convs`); jax 0.12 moved two cells by two examples, jax 0.10.2 none by more than
+    one."""
     out = _run_on_4_devices(STABILITY_SCRIPT, timeout=400)
     # "sharded" outputs span 2 devices, and 4 with batch_shards = 2 (2 run rows x 2 batch devices).
     assert out["devices"] == {"sharded": [2, 4], "sequential": [1], "sharded_sequential": [2]}
@@ -219,7 +222,7 @@ def test_stability_sharded_over_devices_equals_one_device() -> None:
     assert got["kept"] == ref["kept"] and len(ref["kept"]) == 10
     np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
     assert np.asarray(ref["loss"]).shape == (4, 10)  # 4 epochs x 10 runs
-    np.testing.assert_allclose(got["test"], ref["test"], atol=1.01 / 360)
+    np.testing.assert_allclose(got["test"], ref["test"], atol=2.01 / 360)
     # Each run's batch also split over 2 devices (a (2 runs, 2 batch) mesh): the gradient and BN
     # moments are all-reduced. Losses as "sharded"; the quick nets sit near chance (10-18 % test
     # accuracy, many near-ties), and one cell moved by two of the 360 examples here.
