@@ -106,6 +106,14 @@ def conv_patches(
     return jax.lax.dot_general(patches, w, (((patches.ndim - 1,), (0,)), ((), ())))
 
 
+def _explicit_pads(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                   padding: Padding) -> tuple[tuple[int, int], ...]:
+    """((lo, hi), ...) per spatial dim: "SAME" / "VALID" resolved as `lax.conv` resolves them."""
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def conv_shifts(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
 ) -> jax.Array:
@@ -113,8 +121,7 @@ def conv_shifts(
     nd = kernel.ndim - 2
     window = kernel.shape[:nd]
     strides = tuple(strides)
-    pads = jax.lax.padtype_to_pads(x.shape[1:-1], window, strides, padding) if isinstance(
-        padding, str) else padding
+    pads = _explicit_pads(x, window, strides, padding)
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out = [(xp.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(nd)]
     cols = []
@@ -213,8 +220,9 @@ def batched_seed_convs() -> Iterator[None]:
         _PER_SEED_CONVS.reset(token)
 
 
-def _bilinear(canonical: Callable, shifts: Callable, rows: Callable, per_seed: bool) -> Callable:
+def _bilinear(canonical: Callable, shifts: Callable, per_seed: bool) -> Callable:
     """op(a, b), linear in each argument, as a custom_vmap (the rule above) wrapped in a custom_jvp.
+    The first argument is always an (N, *spatial, C) activation or cotangent: N rows.
 
     The custom_jvp gives forward mode, d op = shifts(da, b) + shifts(a, db) (Hessian-vector
     products, also vmapped), without differentiating the custom_vmap: jax 0.10.2 fails to batch a
@@ -227,7 +235,7 @@ def _bilinear(canonical: Callable, shifts: Callable, rows: Callable, per_seed: b
 
     @batched.def_vmap
     def _(axis_size, in_batched, a, b):
-        if all(in_batched) and per_seed and rows(a, b) >= MAP_MIN_ROWS:
+        if all(in_batched) and per_seed and a.shape[1] >= MAP_MIN_ROWS:  # a: (S, N, ...)
             if axis_size <= UNROLL_SEEDS:
                 return jnp.stack([canonical(a[i], b[i]) for i in range(axis_size)]), True
             # Groups of UNROLL_SEEDS in a loop: lax.map vmaps `batched` over each group (this rule).
@@ -275,12 +283,9 @@ def _canonical_conv(in_size: tuple[int, ...], window: tuple[int, ...], strides: 
         zero = jnp.zeros((*window, x.shape[-1], g.shape[-1]), g.dtype)
         return jax.vjp(lambda k: conv_shifts(x, k, strides, pads), zero)[1](g)[0]
 
-    forward = _bilinear(lambda x, k: conv_xla(x, k, strides, pads), shifts_fwd,
-                        lambda x, k: x.shape[1], per_seed)
-    dx = _bilinear(lambda g, k: _canonical_dx(g, k, in_size, strides, pads), shifts_dx,
-                   lambda g, k: g.shape[1], per_seed)
-    dw = _bilinear(lambda x, g: _canonical_dw(x, g, window, strides, pads), shifts_dw,
-                   lambda x, g: x.shape[1], per_seed)
+    forward = _bilinear(lambda x, k: conv_xla(x, k, strides, pads), shifts_fwd, per_seed)
+    dx = _bilinear(lambda g, k: _canonical_dx(g, k, in_size, strides, pads), shifts_dx, per_seed)
+    dw = _bilinear(lambda x, g: _canonical_dw(x, g, window, strides, pads), shifts_dw, per_seed)
 
     @jax.custom_vjp
     def conv(x, kernel):
@@ -299,9 +304,7 @@ def conv_canonical(
     values to autodiff of "xla", and fast on XLA CPU inside `lax.scan`, where autodiff's are not."""
     nd = kernel.ndim - 2
     strides = tuple(int(s) for s in strides)
-    pads = jax.lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:nd], strides, padding) if isinstance(
-        padding, str) else padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    pads = _explicit_pads(x, kernel.shape[:nd], strides, padding)
     conv = _canonical_conv(tuple(x.shape[1:-1]), tuple(kernel.shape[:nd]), strides, pads,
                            _PER_SEED_CONVS.get())
     return conv(x, kernel)
