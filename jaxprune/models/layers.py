@@ -194,8 +194,8 @@ def _canonical_dw(x: jax.Array, g: jax.Array, window: tuple[int, ...], strides: 
 
 # Under vmap with both operands batched (S seeds), a conv becomes a grouped conv, which XLA CPU runs
 # 2-5x slower than S convs (ENV.md). The "canonical" ops then run one conv per seed, unrolled in
-# groups of UNROLL_SEEDS so that XLA can overlap them (14x14 CNN and ResNet20, S = 4 and 8: vmap
-# 0.96-1.02x of "sequential" unrolled, 0.84-0.89x as a lax.map loop; ResNet20 at S = 32 compiles in
+# groups of UNROLL_SEEDS so that XLA can overlap them (small CNN and ResNet20, S = 4 and 8: vmap
+# 0.89-1.07x of "sequential" unrolled, 0.84-0.94x as a lax.map loop; ResNet20 at S = 32 compiles in
 # 18 s fully unrolled against 4.5 s looped). When each element is tiny (one example of per-example
 # gradients) they fall back to the "shifts" form, a batched matmul, instead of S 1-row convs.
 MAP_MIN_ROWS = 8
