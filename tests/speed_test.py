@@ -239,13 +239,18 @@ def test_gpu_benchmark_quick_writes_json(tmp_path) -> None:
     # The tiny MLP stands in for the conv nets (same code path, a fraction of the compile time).
     s = dataclasses.replace(gpu.Settings.quick(), models=("mlp",), seeds=(2,), matmul_n=64,
                             model_kwargs=(("mlp", (("widths", (8,)),)),), cert_widths=(8,),
-                            cert_networks_per_batch=(4,))
+                            cert_networks_per_batch=(4,), conv_impls=("xla", "canonical"))
     out = gpu.run(s, str(tmp_path / "gpu.json"), verbose=False)
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["devices"]["count"] == jax.device_count() and saved["devices"]["platform"]
     statuses = [(r["strategy"], r["status"]) for r in out["train"]]
     assert statuses == [("vmap", "ok"), ("sequential", "ok")]
     assert all(r["seed_steps_per_s"] > 0 and r["mfu_xla"] > 0 for r in out["train"])
+    # One step from equal params: "canonical" differs from "xla" only in its backward, so the loss
+    # of the first step is the same.
+    convs = out["conv_impls"]
+    assert [(r["conv_impl"], r["status"]) for r in convs] == [("xla", "ok"), ("canonical", "ok")]
+    assert convs[0]["max_rel_loss_diff"] == 0 and convs[1]["max_rel_loss_diff"] < 1e-6
     cert, per_example = out["certificate"]
     assert cert["status"] == "ok" and cert["networks_per_s"] > 0
     # Forward of the 784-8-10 MLP: 2 (784*8 + 8*10) FLOPs per example and network.

@@ -14,6 +14,10 @@ one compiled train step ("xla") and from the step's matmuls and convs ("model", 
 The peak is `--peak_tflops` if given, else an n x n float32 matmul measured in this run (on GPUs it
 runs at JAX's default float32 matmul precision, as the models do).
 
+Conv implementations: one seed of ResNet20 per `conv_impl` ("xla", "canonical", "shifts"; see
+jaxprune/models/layers.py), seed-steps/s and the per-step losses against "xla"'s. "canonical" is
+a CPU fix, untested on accelerators until this runs; "auto" picks "xla" there.
+
 Certificate: the Monte Carlo part of a PAC-Bayes certificate. `jaxprune.self_bounded.sampled_errors`
 (M networks sampled from Q = Bern(sigma(s)) x N(mu, sigma^2), 0-1 error of each on the bound set) and
 the experiment's default `per_example_errors` (a fresh network per example, R repeats: M = R n),
@@ -37,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.benchmarks import roofline
 from jaxprune import masks, models, train
@@ -63,6 +68,9 @@ class Settings:
     # R repeats over the bound set = R n samples, vmapped in chunks of these sizes.
     cert_per_example_repeats: int = 2
     cert_per_example_chunks: tuple[int, ...] = (256, 4096)
+    # One seed of ResNet20 per conv_impl: is "canonical" (a CPU fix for XLA's loop-body kernel
+    # gradient) worth picking on this device too? "auto" picks "xla" off CPU.
+    conv_impls: tuple[str, ...] = ("xla", "canonical", "shifts")
     budget_s: float = 270.0  # skip configurations that would start after this many seconds
 
     @classmethod
@@ -194,6 +202,47 @@ def bench_train(
     return rows
 
 
+def bench_conv_impls(s: Settings, clock: _Clock, say: Callable[..., None]) -> list[dict]:
+    """ResNet20, one seed, one jitted `train_epoch` of `steps` steps per conv_impl: seed-steps/s and
+    the largest relative difference of its per-step losses to the first impl's (same params, data
+    and maths, so only float rounding differs)."""
+    name = "resnet20"
+    kwargs = dict(dict(s.model_kwargs).get(name, ()))
+    x, y = roofline.synthetic_batch(roofline.INPUT_SHAPES[name], 2 * s.batch_size)
+    tx = train.make_optimizer(train.TrainConfig(optimizer="adam", learning_rate=1e-3))
+    key = train.seed_keys(1, 1)[0]
+    ref: list[np.ndarray] = []
+    rows = []
+    for impl in s.conv_impls:
+        rec = {"model": name, "conv_impl": impl, "batch": s.batch_size, "steps_per_call": s.steps}
+
+        def measure(impl: str = impl) -> dict[str, Any]:
+            model = models.get_model(name, num_classes=10, **{**kwargs, "conv_impl": impl})
+            state = jax.tree.map(
+                lambda v: v[0], roofline.masked_states(model, tx, x[:1], train.seed_keys(0, 1))
+            )
+            epoch = jax.jit(functools.partial(
+                train.train_epoch, model=model, tx=tx, batch_size=s.batch_size, steps=s.steps))
+            t0 = time.perf_counter()
+            loss = np.asarray(jax.block_until_ready(epoch(state, x, y, key))[1]["loss"])
+            first = time.perf_counter() - t0
+            seconds = roofline.time_best(lambda: epoch(state, x, y, key), s.repeats)
+            if not ref:
+                ref.append(loss)
+            diff = float(np.max(np.abs(loss - ref[0]) / np.maximum(np.abs(ref[0]), 1e-12)))
+            return {"seed_steps_per_s": s.steps / seconds, "first_call_s": first,
+                    "loss": loss.tolist(), "max_rel_loss_diff": diff}
+
+        rec = _guarded(rec, clock, measure)
+        rows.append(rec)
+        if rec["status"] == "ok":
+            say(f"| {name} | {impl} | {rec['seed_steps_per_s']:.1f} | {rec['first_call_s']:.1f} | "
+                f"{rec['max_rel_loss_diff']:.1e} |", flush=True)
+        else:
+            say(f"| {name} | {impl} | {rec['status']} | | |", flush=True)
+    return rows
+
+
 def bench_certificate(
     s: Settings, peak: float, clock: _Clock, say: Callable[..., None]
 ) -> list[dict]:
@@ -302,6 +351,10 @@ def run(s: Settings, out: str = "", verbose: bool = True) -> dict[str, Any]:
     )
     say("|---|---|---|---|---|---|---|")
     cert = bench_certificate(s, peak["flop_s"], clock, say)
+    say(f"\n| model | conv_impl | seed-steps/s (1 seed) | first call s | loss vs "
+        f"{s.conv_impls[0] if s.conv_impls else '-'} (max rel. diff) |")
+    say("|---|---|---|---|---|")
+    convs = bench_conv_impls(s, clock, say)
     say("\n| model | S | strategy | seed-steps/s | first call s | MFU xla % | MFU model % |")
     say("|---|---|---|---|---|---|---|")
     rows: list[dict] = []
@@ -321,6 +374,7 @@ def run(s: Settings, out: str = "", verbose: bool = True) -> dict[str, Any]:
         "settings": dataclasses.asdict(s),
         "peak": peak,
         "train": rows,
+        "conv_impls": convs,
         "certificate": cert,
         "total_s": clock.elapsed(),
     }
