@@ -246,7 +246,7 @@ def test_bound_closed_forms_and_orderings():
     assert got["lambda"] == pytest.approx(got["quad"], rel=1e-12)  # lambda* recovers quad
     assert lam_vals.min() >= got["quad"] * (1 - 1e-12)
     assert kl_catoni <= cat_vals.min() <= kl_catoni + 1e-6  # inf over C of Catoni = kl^-1
-    np.testing.assert_allclose(  # pinned numbers used in the README example
+    np.testing.assert_allclose(  # pinned numbers quoted in README (PAC-Bayes tests, closed forms)
         [got[k] for k in ("classic", "kl", "quad", "lambda", "catoni")],
         [
             0.21300894800368808,
