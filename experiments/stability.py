@@ -47,7 +47,7 @@ def get_config() -> config_dict.ConfigDict:
     c.num_seeds = 8  # seeds per configuration (the same S init/data seeds are reused by every config)
     c.preset = "cpu"  # "cpu" (this config), "cpu_overfit" (512 images, 30 epochs, wider last convs,
     # 90 % last layer: the unpruned net reaches 100 % train accuracy), "cpu_wide" (cpu_overfit with
-    # 4x wider pruned convs, 8-8-32-32-128-128), "vgg11" or "resnet18" (paper
+    # 2x wider pruned convs, 8-8-32-32-128-128), "vgg11" or "resnet18" (paper
     # CIFAR-10 setups; see _preset)
     c.data = config_dict.create(name="fashion_mnist", data_dir="", num_train=1024, num_test=1000,
                                 num_samples=0, downsample=2, fallback="digits")
@@ -90,7 +90,7 @@ def _preset(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         c.model.kwargs.channels = (8, 8, 16, 16, 64, 64)  # wide last convs: room to prune 90 %
         c.layers.update(fractions="0.3,0.3,0.3,0.9", starts="1,2,3,4", ends="8,8,8,12")
         c.train.update(epochs=30, lr_milestones="25")
-    elif c.preset == "cpu_wide":  # cpu_overfit with 4x wider pruned convs: 90 % of conv6 keeps 13
+    elif c.preset == "cpu_wide":  # cpu_overfit with 2x wider pruned convs: 90 % of conv6 keeps 13
         c.data.update(num_train=512, num_test=500)
         c.model.kwargs.channels = (8, 8, 32, 32, 128, 128)
         c.layers.update(fractions="0.3,0.3,0.3,0.9", starts="1,2,3,4", ends="8,8,8,12")
