@@ -101,8 +101,11 @@ def _load_mnist1d(*, data_dir: str | None, **args: Any) -> tuple[Split, Split, i
         allowed = sorted(set(defaults) - {"url"})
         raise ValueError(f"mnist1d: unknown kwargs {bad}; allowed: {allowed}")
     cfg = {**defaults, **args}
-    if cfg["num_samples"] < 10 or cfg["num_samples"] * (1 - cfg["train_split"]) < 1:
-        raise ValueError(f"mnist1d: num_samples={cfg['num_samples']} too small for 10 classes")
+    n, frac = cfg["num_samples"], cfg["train_split"]
+    # mnist1d keeps the first int(n * train_split) examples for training, the rest for testing.
+    if n < 10 or int(n * frac) < 1 or n - int(n * frac) < 1:
+        raise ValueError(f"mnist1d: num_samples={n} too small for 10 classes with train_split={frac} "
+                         f"({int(n * frac)} train, {n - int(n * frac)} test examples)")
     train, test = _make_mnist1d(tuple(sorted((k, _hashable(v)) for k, v in cfg.items())))
     return train, test, 10  # load_dataset copies (astype), so the cached arrays stay unmodified.
 

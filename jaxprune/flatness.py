@@ -13,6 +13,7 @@ static arguments (probe counts, k, iterations) closed over by `functools.partial
 vmap over seeds (keys and params with a leading axis).
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -434,7 +435,7 @@ def epsilon_sharpness(
     cell. inf where no direction reaches the threshold within radius. `directions` leaves have a
     leading k axis.
     """
-    num = int(round(radius / step))
+    num = math.floor(radius / step * (1 + 1e-9))  # the grid never passes the radius (float slack)
     if num < 1:
         raise ValueError(f"radius={radius} must be at least step={step}")
     flat, unravel = ravel_pytree(params)

@@ -109,7 +109,7 @@ def orthogonal_design(key: jax.Array, n: int, d: int) -> jax.Array:
 
 
 def correlated_design(key: jax.Array, n: int, d: int, rho: ArrayLike) -> jax.Array:
-    """Gaussian rows with equicorrelated covariance (1 - rho) I + rho 11^T, rho in [0, 1)."""
+    """Gaussian rows with equicorrelated covariance (1 - rho) I + rho 11^T, rho in [0, 1]."""
     if n <= 0 or d <= 0:
         raise ValueError(f"need n > 0 and d > 0, got n = {n}, d = {d}")
     _check_range(rho, "rho", 0.0, 1.0)

@@ -361,3 +361,75 @@ def test_batch_indices_jit_vmap_depends_only_on_key():
         np.testing.assert_array_equal(out[i], _batch_indices(keys[i], 10, 4, 9))
     assert not np.array_equal(out[0], out[1])
     np.testing.assert_array_equal(fn(keys), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error table: checks in data.py that the tests above do not trigger.
+
+
+def _idx_dir_with(d, name: str, array: np.ndarray) -> str:
+    """A valid IDX directory (train 6, t10k 3 examples) with file `name` replaced by array."""
+    _write_idx_dir(str(d), gz=False)
+    write_idx(str(d / name), array)
+    return str(d)
+
+
+def _read_bytes_as_idx(d, raw: bytes) -> np.ndarray:
+    (d / "x").write_bytes(raw)
+    return data.read_idx(str(d / "x"))
+
+
+def _case(id_, call, match):
+    return pytest.param(call, match, id=id_)
+
+
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        _case("mnist1d-num_samples=9", lambda d: data.load_dataset("mnist1d", num_samples=9),
+              "mnist1d: num_samples=9 too small for 10 classes"),
+        _case("mnist1d-no-test-split",
+              lambda d: data.load_dataset("mnist1d", num_samples=200, train_split=1.0),
+              "num_samples=200 too small"),
+        # int(10 * 0.05) = 0 train examples: normalize=False used to return a (0, 40, 1) train
+        # split, normalize=True to fail in numpy ("number sections must be larger than 0").
+        _case("mnist1d-no-train-split",
+              lambda d: data.load_dataset("mnist1d", num_samples=10, train_split=0.05,
+                                          normalize=False),
+              "too small"),
+        _case("mnist1d-train_split=0",
+              lambda d: data.load_dataset("mnist1d", num_samples=200, train_split=0.0,
+                                          normalize=False),
+              "too small"),
+        _case("idx-train-labels-short",
+              lambda d: data.load_dataset(
+                  "mnist", data_dir=_idx_dir_with(d, "train-labels-idx1-ubyte",
+                                                  np.arange(5, dtype=np.uint8))),
+              r"mnist: train images \(6, 28, 28\) and labels \(5,\) do not match"),
+        _case("idx-t10k-labels-long",
+              lambda d: data.load_dataset(
+                  "fashion_mnist", data_dir=_idx_dir_with(d, "t10k-labels-idx1-ubyte",
+                                                          np.arange(4, dtype=np.uint8))),
+              r"fashion_mnist: t10k images \(3, 28, 28\) and labels \(4,\) do not match"),
+        _case("idx-images-2d",
+              lambda d: data.load_dataset(
+                  "mnist", data_dir=_idx_dir_with(d, "t10k-images-idx3-ubyte",
+                                                  np.zeros((3, 784), np.uint8))),
+              r"mnist: t10k images \(3, 784\) and labels \(3,\) do not match"),
+        _case("idx-dtype-code",
+              lambda d: _read_bytes_as_idx(d, b"\x00\x00\x0a\x01\x00\x00\x00\x01\x05"),
+              "not an IDX file"),
+        _case("num_train=0", lambda d: data.load_dataset("digits", num_train=0),
+              "asked for 0 examples of a split with 1437"),
+        _case("split-empty-fractions", lambda d: data.split_indices(10, {}, seed=0),
+              "fractions is empty"),
+        _case("batch_indices-num_examples=0",
+              lambda d: data.batch_indices(jax.random.key(0), 0, 4, 1),
+              "need positive sizes, got num_examples=0"),
+    ],
+)
+def test_bad_arguments_table(tmp_path, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tmp_path)

@@ -356,3 +356,83 @@ def test_bad_input_raises_value_error():
         flatness.hutchinson_trace(jax.random.key(0), loss_fn, params, 1)
     with pytest.raises(ValueError, match="num_iters"):
         flatness.lanczos_eigenpairs(jax.random.key(0), loss_fn, params, 2, DIM + 1)
+
+
+def _quadratic_sharpness(radius: float, step: float) -> flatness.Sharpness:
+    """Shapes of epsilon_sharpness of sum(w^2) at w = 0 along e_1, e_2 (traced, never run)."""
+    loss_fn = lambda p: jnp.sum(p["w"] ** 2)
+    return jax.eval_shape(
+        lambda: flatness.epsilon_sharpness(
+            loss_fn, {"w": jnp.zeros((2,))}, {"w": jnp.eye(2)}, radius=radius, step=step
+        )
+    )
+
+
+def _case(id_, call, match):
+    return pytest.param(call, match, id=id_)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        _case("hutchpp-num_matvecs=5",
+              lambda p, xs, ys, f, m: flatness.hutchpp_trace(jax.random.key(0), f, p, 5),
+              r"num_matvecs must be >= 6.*got 5"),
+        _case("lanczos-k=0",
+              lambda p, xs, ys, f, m: flatness.lanczos_eigenpairs(jax.random.key(0), f, p, 0, 4),
+              r"need 1 <= k <= num_iters, got k=0"),
+        _case("lanczos-k>num_iters",
+              lambda p, xs, ys, f, m: flatness.lanczos_eigenpairs(jax.random.key(0), f, p, 5, 4),
+              r"need 1 <= k <= num_iters, got k=5, num_iters=4"),
+        _case("power-k=0",
+              lambda p, xs, ys, f, m: flatness.power_iteration_eigenpairs(
+                  jax.random.key(0), f, p, 0),
+              r"k must be >= 1, got 0"),
+        _case("sharpness-radius<step", lambda p, xs, ys, f, m: _quadratic_sharpness(0.004, 0.01),
+              r"radius=0.004 must be at least step=0.01"),
+        # With round(0.006 / 0.01) = 1 the grid was [0.01], beyond the radius asked for.
+        _case("sharpness-radius=0.6step", lambda p, xs, ys, f, m: _quadratic_sharpness(0.006, 0.01),
+              r"radius=0.006 must be at least step=0.01"),
+        _case("sharpness-directions-shape",
+              lambda p, xs, ys, f, m: flatness.epsilon_sharpness(
+                  f, p, jax.tree.map(lambda a: jnp.stack([a.reshape(-1)[:3]] * 2), p)),
+              "directions must be params-shaped"),
+        _case("moments-ys-short",
+              lambda p, xs, ys, f, m: flatness.gradient_moments(example_loss, p, xs, ys[:-1]),
+              r"xs and ys leaves must share their leading \(example\) axis, got \{1[56], 1[56]\}"),
+        _case("moments-xs-tree",
+              lambda p, xs, ys, f, m: flatness.gradient_moments(
+                  example_loss, p, (xs, xs[:8]), ys),
+              "xs and ys leaves must share"),
+        _case("tic-xs-short",
+              lambda p, xs, ys, f, m: flatness.tic_trace(f, example_loss, p, xs[:-1], ys, 0.1),
+              "xs and ys leaves must share"),
+        _case("moments-batch_size=0",
+              lambda p, xs, ys, f, m: flatness.gradient_moments(example_loss, p, xs, ys, 0),
+              "batch_size=0 must be positive and divide n=16"),
+        _case("covariance-mask-structure",
+              lambda p, xs, ys, f, m: flatness.covariance_trace(
+                  flatness.GradientMoments(p, p, N), {"params": m["params"]["Dense_0"]}),
+              "mask structure"),
+    ],
+)
+def test_bad_arguments_raise(call, match):
+    # Every check runs before any HVP or gradient is traced.
+    params, xs, ys, loss_fn = make_problem(0, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        call(params, xs, ys, loss_fn, make_mask(params))
+
+
+def test_argument_boundaries_are_accepted():
+    # The smallest valid values pass (an off-by-one in a check would reject them): traced with
+    # eval_shape, nothing compiled or run.
+    params, xs, ys, loss_fn = make_problem(0, jnp.float32)
+    key = jax.random.key(0)
+    out = jax.eval_shape(lambda k: flatness.hutchpp_trace(k, loss_fn, params, 6), key)
+    assert out.estimate.shape == () and out.stderr.shape == ()
+    out = jax.eval_shape(lambda k: flatness.lanczos_eigenpairs(k, loss_fn, params, 1, 1), key)
+    assert out.eigenvalues.shape == (1,)
+    out = _quadratic_sharpness(0.01, 0.01)
+    assert out.radii.shape == (1,) and out.loss_increase.shape == (2, 2, 1)
+    out = jax.eval_shape(lambda: flatness.gradient_moments(example_loss, params, xs, ys, 16))
+    assert jax.tree.map(lambda a: a.shape, out.mean) == jax.tree.map(jnp.shape, params)

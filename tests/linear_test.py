@@ -242,6 +242,185 @@ def test_bad_inputs_raise():
         jax.jit(linear.expected_loss)(X, y, w[:-1], p)
 
 
+# ----------------------------------------------------------------------------- dropout (§3.2)
+
+
+def _dropout_brute_force_solution(X, y, q):
+    """argmin_w sum_m pi(m) (1/n)||y - X(m*w/q)||^2 over all 2^d masks in numpy: the normal
+    equations sum_m pi(m) D_m Sigma D_m w = sum_m pi(m) D_m c with D_m = diag(m) / q."""
+    n, d = X.shape
+    ms = (np.arange(2**d)[:, None] >> np.arange(d)[None]) & 1  # (2^d, d) 0/1, all masks
+    pi = np.prod(np.where(ms > 0, q, 1 - q), axis=1)
+    dm = ms / q  # diagonals of D_m
+    sigma, c = X.T @ X / n, X.T @ y / n
+    a = np.einsum("k,ki,ij,kj->ij", pi, dm, sigma, dm)
+    return np.linalg.solve(a, np.einsum("k,ki,i->i", pi, dm, c))
+
+
+def test_dropout_solution_is_stationary_and_matches_mask_enumeration():
+    # Catches (1-q)/q replaced by q/(1-q) or (1-q), the full Sigma in place of Diag Sigma, or c
+    # not scaled: each moves the solution away from the enumerated normal equations. q = 1 is
+    # plain least squares.
+    d = 5
+    with jax.enable_x64(True):
+        X, y, _, _ = _instances(13, 3, d=d, n=30)
+        q = jnp.array([0.3, 0.7, 1.0])
+        w_star = jax.jit(jax.vmap(linear.dropout_solution))(X, y, q)
+        brute = np.stack(
+            [_dropout_brute_force_solution(np.asarray(X[i]), np.asarray(y[i]), float(q[i]))
+             for i in range(3)]
+        )
+        np.testing.assert_allclose(w_star, brute, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            w_star[2], np.linalg.lstsq(np.asarray(X[2]), np.asarray(y[2]), rcond=None)[0],
+            rtol=1e-9,
+        )
+        total = lambda X, y, w, q: linear.dropout_decomposition(X, y, w, q).total
+        grad = jax.jit(jax.vmap(jax.grad(total, 2)))(X, y, w_star, q)
+        np.testing.assert_allclose(grad, 0.0, atol=1e-12)
+
+
+def test_dropout_gd_first_step_is_gradient_step_and_converges_to_solution():
+    # The first step checks the gradient's scale (a missing factor 2 or a wrong lambda still
+    # converges, to the same or another point); the last iterate checks the fixed point.
+    d, steps = 5, 300
+    with jax.enable_x64(True):
+        X, y, w0, _ = _instances(14, 3, d=d, n=30)
+        q = jnp.array([0.3, 0.7, 1.0])
+        # lr = 1 / (lambda_max + lambda_min) of A = Sigma + ((1-q)/q) Diag Sigma: the optimal
+        # step for the gradient 2 (A w - c); contraction (kappa - 1) / (kappa + 1) per step.
+        lams = []
+        for i in range(3):
+            sigma = np.asarray(X[i]).T @ np.asarray(X[i]) / 30
+            qi = float(q[i])
+            lams.append(np.linalg.eigvalsh(sigma + (1 - qi) / qi * np.diag(np.diag(sigma))))
+        lams = np.array(lams)
+        lr = 1.0 / (lams[:, -1] + lams[:, 0])
+        assert np.max((lams[:, -1] - lams[:, 0]) / (lams[:, -1] + lams[:, 0])) ** steps < 1e-14
+        gd = jax.jit(jax.vmap(functools.partial(linear.dropout_gd, num_steps=steps)))
+        ws = gd(X, y, w0, q, jnp.asarray(lr))
+        chex.assert_shape(ws, (3, steps + 1, d))
+        np.testing.assert_array_equal(ws[:, 0], w0)
+        total = lambda X, y, w, q: linear.dropout_decomposition(X, y, w, q).total
+        g0 = jax.jit(jax.vmap(jax.grad(total, 2)))(X, y, w0, q)
+        np.testing.assert_allclose(ws[:, 1], w0 - lr[:, None] * g0, rtol=1e-12, atol=1e-14)
+        w_star = jax.jit(jax.vmap(linear.dropout_solution))(X, y, q)
+        np.testing.assert_allclose(ws[:, -1], w_star, rtol=1e-9, atol=1e-10)
+
+
+def test_correlated_design_has_equicorrelated_covariance():
+    # Sample covariance within 4 standard errors of (1 - rho) I + rho 11^T, and every pairwise
+    # correlation within 4 standard errors of rho: catches rho in place of sqrt(rho) (correlation
+    # rho / (1 - rho + rho^2)), a shared factor drawn per column instead of per row, or
+    # unit-variance columns lost.
+    n, d = 20_000, 4
+    rhos = jnp.array([0.0, 0.3, 0.8])
+    draw = jax.jit(
+        jax.vmap(lambda r: linear.correlated_design(jax.random.key(15), n, d, r))
+    )
+    X = np.asarray(draw(rhos), np.float64)
+    chex.assert_shape(X, (3, n, d))
+    off = ~np.eye(d, dtype=bool)
+    for x, rho in zip(X, np.asarray(rhos, np.float64)):
+        cov = (1 - rho) * np.eye(d) + rho
+        se_cov = np.sqrt((cov**2 + np.outer(np.diag(cov), np.diag(cov))) / n)
+        sample = np.cov(x, rowvar=False)
+        assert np.all(np.abs(sample - cov) < 4 * se_cov), (rho, sample)
+        corr = np.corrcoef(x, rowvar=False)[off]
+        se_corr = (1 - rho**2) / np.sqrt(n)
+        assert np.all(np.abs(corr - rho) < 4 * se_corr), (rho, corr)
+        assert np.all(np.abs(x.mean(0)) < 4 / np.sqrt(n))
+
+
+def test_pac_bayes_certificate_risk_is_clipped_expected_loss():
+    # risk_upper = min(1, E_{m~Q} loss / loss_clip), with the expectation by enumeration over all
+    # 2^8 masks at p = sigmoid(s): catches a forgotten / loss_clip, a missing or wrong clip at 1,
+    # or the logits used as probabilities. At risk 1 the kl inverse is 1 as well.
+    with jax.enable_x64(True):
+        X, y, w, _ = (jnp.asarray(v) for v in _problem(16, n=200, orthogonal=True))
+        s = jnp.linspace(-2.0, 2.0, D)
+        exact = float(jax.jit(_enumerated)(X, y, w, jax.nn.sigmoid(s)))
+        cert = jax.jit(linear.pac_bayes_certificate, static_argnames=("delta", "loss_clip"))
+        unclipped = cert(X, y, w, s, 0.5, delta=0.05, loss_clip=4 * exact)
+        np.testing.assert_allclose(unclipped.risk_upper, 0.25, rtol=1e-10)
+        np.testing.assert_allclose(unclipped.kl, 0.5)
+        rhs = (0.5 + np.log(2 * np.sqrt(200) / 0.05)) / 200
+        np.testing.assert_allclose(
+            jax.jit(linear._kl_bernoulli_scalar)(0.25, unclipped.bound), rhs, rtol=1e-6
+        )
+        clipped = cert(X, y, w, s, 0.5, delta=0.05, loss_clip=exact / 3)
+        np.testing.assert_allclose(clipped.risk_upper, 1.0, rtol=1e-12)
+        np.testing.assert_allclose(clipped.bound, 1.0, rtol=1e-12)
+
+
+_KEY = jax.random.key(0)
+_S = jnp.zeros((D,))
+
+
+def _case(id_, call, match):
+    return pytest.param(call, match, id=id_)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        _case("flow_closed_form-eta<0",
+              lambda X, y, w, p: linear.flow_closed_form(0.7, 0.3, -1.0, 2.0),
+              r"^eta must lie in \[0.0, inf\]"),
+        _case("flow_closed_form-t<0",
+              lambda X, y, w, p: linear.flow_closed_form(0.7, 0.3, 1.0, -2.0),
+              r"^t must lie in \[0.0, inf\]"),
+        _case("flow_closed_form-t=nan",
+              lambda X, y, w, p: linear.flow_closed_form(0.7, 0.3, 1.0, np.nan), r"^t must lie"),
+        _case("logit_flow-eta<0", lambda X, y, w, p: linear.logit_flow(X, y, w, 0.0, -0.5, 1.0, 4),
+              r"^eta must lie"),
+        _case("logit_flow-t<0", lambda X, y, w, p: linear.logit_flow(X, y, w, 0.0, 0.5, -1.0, 4),
+              r"^t must lie"),
+        _case("orthogonal_flow-eta<0",
+              lambda X, y, w, p: linear.orthogonal_flow(X, y, w, 0.0, -0.5, 1.0), r"^eta must lie"),
+        _case("certificate-delta=0",
+              lambda X, y, w, p: linear.pac_bayes_certificate(X, y, w, _S, 0.1, delta=0.0),
+              r"delta must lie in \(0, 1\)"),
+        _case("certificate-delta=1",
+              lambda X, y, w, p: linear.pac_bayes_certificate(X, y, w, _S, 0.1, delta=1.0),
+              r"delta must lie in \(0, 1\)"),
+        _case("certificate-loss_clip=0",
+              lambda X, y, w, p: linear.pac_bayes_certificate(X, y, w, _S, 0.1, loss_clip=0.0),
+              "loss_clip must be > 0"),
+        _case("certificate-loss_clip=nan",
+              lambda X, y, w, p: linear.pac_bayes_certificate(X, y, w, _S, 0.1, loss_clip=np.nan),
+              "loss_clip must be > 0"),
+        _case("certificate-kl<0",
+              lambda X, y, w, p: linear.pac_bayes_certificate(X, y, w, _S, -0.1),
+              r"^kl must lie in \[0.0, inf\]"),
+        _case("projected_gd-eps=0.5",
+              lambda X, y, w, p: linear.projected_gd(X, y, w, p, 0.1, 3, eps=0.5),
+              r"eps must lie in \[0, 0.5\)"),
+        _case("projected_gd-eps<0",
+              lambda X, y, w, p: linear.projected_gd(X, y, w, p, 0.1, 3, eps=-0.01),
+              r"eps must lie in \[0, 0.5\)"),
+        _case("projected_gd-lr<0", lambda X, y, w, p: linear.projected_gd(X, y, w, p, -0.1, 3),
+              r"^lr must lie"),
+        _case("dropout_solution-q=0", lambda X, y, w, p: linear.dropout_solution(X, y, 0.0),
+              r"^q must lie in \(0.0, 1.0\]"),
+        _case("dropout_gd-q>1", lambda X, y, w, p: linear.dropout_gd(X, y, w, 1.5, 0.1, 3),
+              r"^q must lie"),
+        _case("dropout_gd-lr<0", lambda X, y, w, p: linear.dropout_gd(X, y, w, 0.5, -0.1, 3),
+              r"^lr must lie"),
+        _case("correlated_design-rho<0",
+              lambda X, y, w, p: linear.correlated_design(_KEY, 4, 2, -0.1),
+              r"^rho must lie in \[0.0, 1.0\]"),
+        _case("correlated_design-n=0",
+              lambda X, y, w, p: linear.correlated_design(_KEY, 0, 2, 0.5), "need n > 0 and d > 0"),
+    ],
+)
+def test_bad_values_raise(call, match):
+    # Value checks run on concrete inputs (eagerly); each raises before any real work.
+    X, y, w, p = (jnp.asarray(v, jnp.float32) for v in _problem(12))
+    with pytest.raises(ValueError, match=match):
+        call(X, y, w, p)
+
+
 def test_experiment_quick_preset_writes_files(tmp_path):
     from experiments import linear_theory
 
