@@ -63,15 +63,17 @@ def erk_densities(params: PyTree, sparsity: float, prunable: PyTree, power_scale
     sizes = {k: float(np.prod(s)) for k, s in shapes.items()}
     target = (1.0 - sparsity) * sum(sizes.values())
     dense: set[str] = set()
-    while True:
+    eps = 0.0
+    while free := [k for k in shapes if k not in dense]:
         budget = target - sum(sizes[k] for k in dense)
-        free = [k for k in shapes if k not in dense]
         eps = budget / sum(raw[k] * sizes[k] for k in free)
-        over = [k for k in free if eps * raw[k] > 1.0]
+        # Slack for rounding: at sparsity 0 every density is 1 up to the last ulp, and marking the
+        # last free layer dense over 1 + 1e-16 left nothing to divide by.
+        over = [k for k in free if eps * raw[k] > 1.0 + 1e-9]
         if not over:
             break
         dense.update(over)
-    return {k: 1.0 if k in dense else float(eps * raw[k]) for k in shapes}
+    return {k: 1.0 if k in dense else min(1.0, float(eps * raw[k])) for k in shapes}
 
 
 def random_erk(key, params, sparsity, prunable, *, loss_fn=None) -> PyTree:

@@ -106,6 +106,32 @@ def test_bad_inputs_name_the_leaf():
         masks.topk(p, 0.5, flags, scope="nope")
 
 
+_PROB_CONSUMERS = {
+    "check_probs": masks.check_probs,
+    "sample": lambda p: masks.sample(jax.random.key(0), p),
+    "threshold": lambda p: masks.threshold(p, masks.prunable_tree(p)),
+    "probs_to_logits": masks.probs_to_logits,
+}
+
+
+@pytest.mark.parametrize("consumer", sorted(_PROB_CONSUMERS))
+@pytest.mark.parametrize(
+    "bad, message",
+    [(float("nan"), r"'bn/scale'.*with NaN"), (-0.25, r"'bn/scale'.*\[-0\.25, 0\.5\]"),
+     (1.5, r"'bn/scale'.*\[0\.5, 1\.5\]")],
+    ids=["nan", "negative", "above_one"],
+)
+def test_bad_probabilities_raise_naming_the_leaf(consumer, bad, message):
+    """One bad entry among valid ones in a non-prunable leaf: NaN (which fails no < or > test, so
+    a range check alone lets it through), below 0 or above 1. Edge values 0 and 1 are fine."""
+    probs = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), _params())
+    probs["hidden"]["kernel"] = jnp.array([[0.0, 1.0], [0.5, 0.5]])
+    _PROB_CONSUMERS[consumer](probs)  # valid: no error
+    probs["bn"]["scale"] = probs["bn"]["scale"].at[1].set(bad)
+    with pytest.raises(ValueError, match=message):
+        _PROB_CONSUMERS[consumer](probs)
+
+
 def test_channel_mask_broadcasts_to_kernel_bn_and_shortcut():
     from jaxprune.models import ConvUnit
 

@@ -102,3 +102,32 @@ def test_bad_inputs_raise():
         stats.ttest([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="confidence"):
         stats.mean_ci([1.0, 2.0], confidence=95)
+
+
+def _fisher_z(r, n, confidence):
+    half = sps.norm.ppf(0.5 + confidence / 2) / math.sqrt(n - 3)
+    return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_pearson_and_kendall_intervals_are_fisher_z(confidence):
+    """Both CIs are tanh(atanh(c) -+ z_{(1+conf)/2} / sqrt(n - 3)) around scipy's coefficient c
+    (the module docstring: pingouin's interval, applied to Kendall tau too), on data with ties so
+    tau-b differs from tau-a; p-values are scipy's."""
+    x = np.round(X, 0)  # 30 points, many tied x values
+    y = np.round(Y, 1)
+    for fn, ref_fn in ((stats.pearson, sps.pearsonr), (stats.kendall, sps.kendalltau)):
+        c = fn(x, y, confidence=confidence)
+        ref = ref_fn(x, y)
+        assert c.n == 30
+        assert c.stat == pytest.approx(ref.statistic, rel=1e-12)
+        assert c.pvalue == pytest.approx(ref.pvalue, rel=1e-9)
+        low, high = _fisher_z(ref.statistic, 30, confidence)
+        assert c.ci_low == pytest.approx(low, rel=1e-12) and c.ci_high == pytest.approx(high, rel=1e-12)
+    # The ties matter: tau-a differs from tau-b, so a kendall reporting tau-a would fail above.
+    conc = sum(np.sign((x[i] - x[j]) * (y[i] - y[j])) for i in range(30) for j in range(i))
+    assert stats.kendall(x, y).stat != pytest.approx(conc / (30 * 29 / 2), rel=1e-3)
+    # Three points: the coefficient and p-value exist, the interval does not (n - 3 = 0).
+    three = stats.pearson([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert three.stat == pytest.approx(0.5) and math.isnan(three.ci_low) and math.isnan(three.ci_high)
+    assert three.pvalue == pytest.approx(sps.pearsonr([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]).pvalue)

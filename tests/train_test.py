@@ -1,5 +1,7 @@
 """Many-seed training: vmap == sequential == single runs; pruned weights stay zero; exact resume."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -142,3 +144,97 @@ def test_sequential_stacks_every_output_kind_like_vmap():
         train.map_seeds(lambda v: v, (None,), "sequential")(jnp.ones(2))
     with pytest.raises(ValueError, match="expected 3 arguments"):
         train.map_seeds(fn, (0, 0, None), "sequential")(keys, x)
+
+
+def _ce_by_hand(logits, y):
+    """Mean -log softmax(logits)[y], written without optax."""
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+
+
+@functools.lru_cache(maxsize=2)
+def _sgd_setup(momentum):
+    """(tx, state, x, y): SGD at learning rate 0.3 on a half-pruned _TinyNet, one batch of 8."""
+    tx = train.make_optimizer(train.TrainConfig(optimizer="sgd", learning_rate=0.3, momentum=momentum))
+
+    def init(key):  # as _init, with the SGD optimiser; one compile instead of many eager ops
+        params, batch_stats = train.init_variables(key, MODEL, jnp.zeros((1, 5)))
+        mask = pruners.random_uniform(key, params, 0.5, masks.prunable_tree(params))
+        return train.state_from_params(key, params, batch_stats, tx, mask)
+
+    state = jax.jit(init)(jax.random.key(3))
+    ds = _dataset()
+    return tx, state, jnp.asarray(ds.train.x[:8]), jnp.asarray(ds.train.y[:8])
+
+
+@pytest.fixture(scope="module")
+def sgd_step():
+    """(s0, s1, metrics, x, y): one jitted plain-SGD train_step from s0."""
+    tx, s0, x, y = _sgd_setup(0.0)
+    s1, metrics = jax.jit(lambda s: train.train_step(s, x, y, model=MODEL, tx=tx))(s0)
+    return s0, s1, metrics, x, y
+
+
+@jax.jit
+def _grad_by_hand(params, batch_stats, mask, x, y):
+    """(loss, grad, logits, new batch_stats) of the train-mode loss of m * w, from model.apply."""
+
+    def loss_fn(p):
+        masked = jax.tree.map(lambda w, m: w * m, p, mask)
+        logits, upd = MODEL.apply({"params": masked, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])
+        return _ce_by_hand(logits, y), (logits, upd["batch_stats"])
+
+    (loss, (logits, bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, g, logits, bs
+
+
+def test_sgd_step_equals_masked_gradient_step_by_hand(sgd_step):
+    """Plain SGD: w' = m * (w - lr * dL(m * w)/dw), train-mode BatchNorm statistics updated; with
+    momentum 0.9 the second step is w'' = w' - lr * (g2 + 0.9 g1) (optax's heavy ball)."""
+    lr = 0.3
+    s0, s1, metrics, x, y = sgd_step
+    loss, g, logits, bs = _grad_by_hand(s0.params, s0.batch_stats, s0.mask, x, y)
+    expected = jax.tree.map(lambda w, gi, m: m * (w - lr * gi), s0.params, g, s0.mask)
+    chex.assert_trees_all_close(s1.params, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s1.batch_stats, bs, rtol=1e-5, atol=1e-6)
+    # The running mean moved off its init (0) by (1 - 0.9) * batch mean: train mode was used.
+    assert np.abs(np.asarray(s1.batch_stats["BatchNorm_0"]["mean"])).max() > 1e-3
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["error"], np.mean(np.argmax(logits, -1) != np.asarray(y)))
+    assert int(s1.step) == 1
+    for name in ("Dense_0", "Dense_1"):
+        w, m = np.asarray(s1.params[name]["kernel"]), np.asarray(s0.mask[name]["kernel"])
+        assert 0 < m.sum() < m.size and np.all(w[m == 0] == 0.0)
+        # Most kept weights moved (a dead ReLU unit leaves a few): the step is not a no-op.
+        assert np.mean(w[m == 1] != np.asarray(s0.params[name]["kernel"])[m == 1]) > 0.5
+
+    tx, s0, x, y = _sgd_setup(0.9)
+    step = jax.jit(lambda s: train.train_step(s, x, y, model=MODEL, tx=tx))
+    s2 = step(step(s0)[0])[0]
+    _, g1, _, bs1 = _grad_by_hand(s0.params, s0.batch_stats, s0.mask, x, y)
+    w1 = jax.tree.map(lambda w, gi, m: m * (w - lr * gi), s0.params, g1, s0.mask)
+    _, g2, _, _ = _grad_by_hand(w1, bs1, s0.mask, x, y)
+    w2 = jax.tree.map(lambda w, a, b, m: m * (w - lr * (a + 0.9 * b)), w1, g2, g1, s0.mask)
+    chex.assert_trees_all_close(s2.params, w2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [5, 16, 1000])
+def test_evaluate_equals_full_batch_eval_mode_apply(sgd_step, batch_size):
+    """16 test examples in batches of 5 (4 padded rows), 16, or more than n: the eval-mode (running
+    statistics) logits, loss and error of m * w on every example, each counted once."""
+    state = sgd_step[1]
+    # Running statistics far from any batch's own, so train-mode BatchNorm would give other logits.
+    state = state.replace(batch_stats=jax.tree.map(lambda v: v + 0.7, state.batch_stats))
+    ds = _dataset()
+    xt, yt = jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
+    assert xt.shape[0] == 16
+    out, logits = jax.jit(lambda s: (
+        train.evaluate(s, xt, yt, model=MODEL, batch_size=batch_size),
+        train.predict(MODEL, s.params, s.batch_stats, s.mask, xt, batch_size)))(state)
+    masked = jax.tree.map(lambda w, m: w * m, state.params, state.mask)
+    ref = MODEL.apply({"params": masked, "batch_stats": state.batch_stats}, xt, train=False)
+    assert logits.shape == (16, 3)
+    np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["loss"], _ce_by_hand(ref, yt), rtol=1e-5)
+    err = np.mean(np.argmax(np.asarray(ref), -1) != np.asarray(yt))
+    assert 0 < err < 1 and float(out["error"]) == pytest.approx(err, abs=1e-7)
