@@ -199,8 +199,15 @@ class SBConfig:
         _check_variant(self.variant)
         if not 0.0 < self.p_min < 1.0:
             raise ValueError(f"p_min must lie in (0, 1), got {self.p_min}")
-        if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("num_samples, steps and batch_size must be >= 1")
+        for name in ("num_samples", "steps", "batch_size", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        for name in ("mask_lr", "weight_lr"):
+            if not getattr(self, name) > 0.0:  # a negative rate would push the bound up, silently
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        est_lib.get_estimator(self.estimator, **dict(self.estimator_options))  # unknown: raises
 
 
 class SBState(struct.PyTreeNode):

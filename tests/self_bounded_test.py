@@ -1,5 +1,6 @@
-"""Self-bounded learning: split hygiene (no prior point in a certificate), objective gradients,
-vmap-over-seeds equivalence, and the quick experiment end to end."""
+"""Self-bounded learning: split hygiene (no prior point in a certificate), objective gradients
+(against the bound over all masks of a tiny MLP), KLs against closed forms, padding beyond n_bound,
+vmap-over-seeds equivalence, config errors, and the quick experiment end to end."""
 
 import functools
 import itertools
@@ -11,7 +12,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import scipy.optimize
+import scipy.special
 
 from jaxprune import data as data_lib
 from jaxprune import masks, models, pac_bayes, train
@@ -219,3 +223,213 @@ def test_per_example_mc_matches_exact_gibbs_risk_by_enumeration():
     np.testing.assert_array_equal(per_det[0], np.asarray(jnp.argmax(logits_det, -1) != y, np.float32))
     with pytest.raises(ValueError, match="repeats"):
         sb.per_example_errors(jax.random.key(2), det, x, y, repeats=0, **kw)
+
+
+# ------------------------------------------------------------------------------- objective, step
+
+
+def _bound_oracle(name, e, k, n, delta):
+    """The five objectives in float64 numpy from their closed forms (kl⁻¹ by scipy's brentq)."""
+    b = (k + math.log(2.0 * math.sqrt(n) / delta)) / n
+    if name == "classic":
+        return e + math.sqrt(b / 2)
+    if name in ("quad", "lambda"):  # lambda at λ* equals quad (Thiemann et al. 2017)
+        return (math.sqrt(e + b / 2) + math.sqrt(b / 2)) ** 2
+    if name == "catoni":  # C = 1
+        return -math.expm1(-e - (k + math.log(1 / delta)) / n) / -math.expm1(-1.0)
+    assert name == "kl"
+
+    def kl_gap(p):
+        return scipy.special.rel_entr(e, p) + scipy.special.rel_entr(1 - e, 1 - p) - b
+
+    return scipy.optimize.brentq(kl_gap, e, 1 - 1e-15, xtol=1e-14) if kl_gap(1 - 1e-15) > 0 else 1.0
+
+
+def test_objective_value_index_selects_each_named_bound():
+    # Catches a switch branch bound to the wrong name (order, late-binding closure) or n/δ mixed up.
+    e = jnp.array([0.0, 0.05, 0.3, 0.9] * 3)
+    k = jnp.repeat(jnp.array([0.0, 2.0, 15.0]), 4)
+    n, delta = 50, 0.01
+    f = jax.jit(jax.vmap(sb.objective_value, in_axes=(None, 0, 0, None, None)))
+    got = np.stack([np.asarray(f(jnp.int32(i), e, k, n, delta)) for i in range(len(sb.OBJECTIVES))])
+    named = np.stack([np.asarray(jax.jit(pac_bayes.BOUNDS[name])(e, k, n, delta))
+                      for name in sb.OBJECTIVES])
+    oracle = np.array([[_bound_oracle(name, float(a), float(b), n, delta) for a, b in zip(e, k)]
+                       for name in sb.OBJECTIVES])
+    np.testing.assert_allclose(got, named, rtol=1e-6)
+    np.testing.assert_allclose(got, oracle, rtol=2e-5, atol=1e-6)
+    # The objectives really differ (else a swapped branch would go unseen), lambda = quad aside.
+    rows = {name: oracle[i] for i, name in enumerate(sb.OBJECTIVES)}
+    for a, b in itertools.combinations(("classic", "kl", "quad", "catoni"), 2):
+        assert np.abs(rows[a] - rows[b]).max() > 1e-2, (a, b)
+
+
+def test_fit_metrics_are_the_bound_at_reported_risk_and_kl():
+    # Every step of every objective: objective = BOUNDS[name](surrogate, kl, N, δ/K), with the KL of
+    # the posterior before the step (0 at Q = P). Catches wrong N, δ, index or stale metrics.
+    _, m = _fit_objectives()
+    sur, kl, obj = (np.asarray(m[k], np.float64) for k in ("surrogate", "kl", "objective"))
+    np.testing.assert_array_equal(kl[:, 0], 0.0)
+    delta = _CFG.delta / _CFG.grid_size
+    for i, name in enumerate(sb.OBJECTIVES):
+        want = [_bound_oracle(name, s, q, _N, delta) for s, q in zip(sur[i], kl[i])]
+        np.testing.assert_allclose(obj[i], want, rtol=2e-5, err_msg=name)
+
+
+def _adam_first_moment(opt_state, group):
+    """mu of the Adam of multi_transform group "mask" or "weights": (1 - b1) g after one step."""
+    def is_adam(s):
+        return isinstance(s, optax.ScaleByAdamState)
+
+    (adam,) = [s for s in jax.tree.leaves(opt_state.inner_states[group], is_leaf=is_adam)
+               if is_adam(s)]
+    return adam.mu
+
+
+def test_train_step_gradient_and_metrics_match_bound_by_enumeration():
+    """'mask' variant, exact estimator, 2-2-2 MLP (8 prunable entries): the gradient the step feeds
+    Adam is jax.grad of bound(Σ_m Q(m) L(m), KL(Q‖P), N, δ/K) over all 2^8 masks, every objective.
+
+    Q is moved away from P, so both paths (∂b/∂L̂ · ∇L̂ and ∇ through the KL) matter; N = 200 is
+    neither the batch size (32) nor 2^8, and K = 4."""
+    model = models.get_model("mlp", 2, widths=(2,))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 2)).astype(np.float32)
+    y = (rng.normal(size=32) > 0).astype(np.int32)
+    params = jax.tree.map(np.asarray, train.init_variables(jax.random.key(5), model, x[:1])[0])
+    prunable = masks.prunable_tree(params)
+    flat, treedef = jax.tree.flatten(prunable)
+    pft_logits, moves = (jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), params)
+                         for _ in range(2))
+    cfg = sb.SBConfig(variant="mask", estimator="exact", estimator_options=(), num_samples=1,
+                      steps=1, batch_size=32, mask_lr=0.1, p_min=0.01, delta=0.05, grid_size=4)
+    n_bound, delta = 200, 0.05 / 4
+    # All 2^8 masks: leaves (256, *shape), ones on the (never masked) biases.
+    bits = np.array(list(itertools.product((0.0, 1.0), repeat=8)), np.float32)
+    cols = iter(np.split(bits, 2, axis=1))
+    all_masks = jax.tree.unflatten(treedef, [
+        next(cols).reshape((256,) + w.shape) if f else np.ones((256,) + w.shape, np.float32)
+        for w, f in zip(jax.tree.leaves(params), flat)])
+
+    @jax.jit
+    def run(pft_logits, moves):
+        prior = sb.make_prior(params, pft_logits, prunable, 1e-3, math.log(0.1))
+        post = sb.init_posterior(prior)._replace(
+            mask_logits=jax.tree.map(jnp.add, prior.mask_logits, moves))
+        state = sb.init_state(jax.random.key(0), prior, cfg).replace(posterior=post)
+        new, m = jax.vmap(lambda i: sb.train_step(
+            state, x, y, i, prior=prior, model=model, cfg=cfg, prunable=prunable,
+            n_bound=n_bound))(jnp.arange(len(sb.OBJECTIVES)))
+        # Brute force: Q(m) for every mask, the Bernoulli KL written out, autodiff through both.
+        losses = jax.vmap(lambda mk: sb.surrogate_loss(
+            train.forward(model, params, {}, mk, x, train=False)[0], y, cfg.p_min))(all_masks)
+
+        def brute(name, s):
+            log_q, kl = 0.0, 0.0
+            for mk, v, u, f in zip(jax.tree.leaves(all_masks), jax.tree.leaves(s),
+                                   jax.tree.leaves(prior.mask_logits), flat):
+                if f:
+                    lq = mk * jax.nn.log_sigmoid(v)[None] + (1 - mk) * jax.nn.log_sigmoid(-v)[None]
+                    log_q = log_q + jnp.sum(lq.reshape(256, -1), 1)
+                    q, p = jax.nn.sigmoid(v), jax.nn.sigmoid(u)
+                    kl = kl + jnp.sum(q * jnp.log(q / p) + (1 - q) * jnp.log((1 - q) / (1 - p)))
+            emp = jnp.sum(jnp.exp(log_q) * losses)
+            return pac_bayes.BOUNDS[name](emp, kl, n_bound, delta), (emp, kl)
+
+        oracle = [jax.value_and_grad(functools.partial(brute, name), has_aux=True)(
+            post.mask_logits) for name in sb.OBJECTIVES]
+        mu = _adam_first_moment(new.opt_state, "mask").mask_logits  # Adam: mu = (1 - b1) g
+        return post, new.posterior, m, mu, oracle
+
+    post, new, m, mu, oracle = jax.device_get(run(pft_logits, moves))
+    assert m["kl"][0] > 0.1  # Q really moved away from P: the KL path is exercised
+    for i, (name, ((obj, (emp, kl)), grad)) in enumerate(zip(sb.OBJECTIVES, oracle)):
+        np.testing.assert_allclose(m["surrogate"][i], emp, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(m["kl"][i], kl, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(m["objective"][i], obj, rtol=1e-5, err_msg=name)
+        g = jax.tree.map(lambda v, i=i: v[i] / (1 - 0.9), mu)
+        chex.assert_trees_all_close(g, grad, rtol=1e-4, atol=1e-7)
+        # Adam's first step is -lr sign(g): descent, on the prunable logits only.
+        for new_s, old_s, gg, f in zip(jax.tree.leaves(new.mask_logits),
+                                       jax.tree.leaves(post.mask_logits), jax.tree.leaves(grad),
+                                       flat):
+            moved = new_s[i] - old_s
+            if f:
+                big = np.abs(gg) > 1e-4
+                assert big.any()
+                np.testing.assert_allclose(moved[big], -0.1 * np.sign(gg[big]), rtol=1e-3)
+            else:
+                np.testing.assert_array_equal(moved, 0.0)  # biases are never masked
+        # The weights stay at w_P in the "mask" variant.
+        chex.assert_trees_all_equal(jax.tree.map(lambda v, i=i: v[i], new.mean), post.mean)
+        chex.assert_trees_all_equal(jax.tree.map(lambda v, i=i: v[i], new.log_std), post.log_std)
+
+
+def test_fit_never_draws_rows_beyond_n_bound():
+    # 16 NaN padding rows after the 48 real ones, n_bound traced (as under an α-grid vmap): a run
+    # that drew any padding row, or used N = 64 in the bound, would differ from the unpadded run.
+    pad = 16
+    x = jnp.concatenate([_X, jnp.full((pad, 3), jnp.nan)])
+    y = jnp.concatenate([_Y, jnp.zeros(pad, jnp.int32)])
+    fit = jax.jit(lambda k, o, n: _FIT(k, _PRIOR, x, y, n, o))  # one compile, n traced
+    for s in (1, 4):  # against the unpadded vmapped runs (tolerance as in the vmap test)
+        state, m = fit(_KEYS[s], jnp.int32(s), jnp.int32(_N))
+        assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves((state.posterior, m)))
+        want = jax.tree.map(lambda v, s=s: v[s], _fit_objectives())
+        chex.assert_trees_all_close(m, want[1], rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(state.posterior, want[0].posterior, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- KL, config
+
+
+def test_kl_gauss_and_both_match_closed_forms_away_from_prior():
+    rng = np.random.default_rng(2)
+    shift, scale, logit_shift = (
+        jax.tree.map(lambda w, s=s: (s * rng.normal(size=w.shape)).astype(np.float32), _PARAMS)
+        for s in (0.3, 0.5, 1.0))
+    post = sb.Posterior(
+        jax.tree.map(jnp.add, _PRIOR.mask_logits, logit_shift),  # bias logits move too: no cost
+        jax.tree.map(jnp.add, _PRIOR.mean, shift),
+        jax.tree.map(lambda s: _PRIOR.log_std + s, scale))
+    got = jax.jit(lambda q: [sb.kl_divergence(q, _PRIOR, _PRUNABLE, v) for v in sb.VARIANTS])(post)
+    got = dict(zip(sb.VARIANTS, np.asarray(got, np.float64)))
+
+    def f64(tree):
+        return [np.asarray(v, np.float64) for v in jax.tree.leaves(tree)]
+
+    lp = float(_PRIOR.log_std)
+    # ½ Σ [σ_Q²/σ_P² + (μ_Q - μ_P)²/σ_P² - 1 - log(σ_Q²/σ_P²)] over every weight, biases included.
+    gauss = sum(0.5 * np.sum(np.exp(2 * (lq - lp)) + (mq - mp) ** 2 * np.exp(-2 * lp) - 1
+                             - 2 * (lq - lp))
+                for mq, mp, lq in zip(f64(post.mean), f64(_PRIOR.mean), f64(post.log_std)))
+    sig = scipy.special.expit
+    rel = scipy.special.rel_entr
+    mask = sum(np.sum(rel(sig(a), sig(b)) + rel(sig(-a), sig(-b)))
+               for a, b, f in zip(f64(post.mask_logits), f64(_PRIOR.mask_logits),
+                                  jax.tree.leaves(_PRUNABLE)) if f)
+    assert gauss > 1.0 and mask > 1.0
+    np.testing.assert_allclose(got["gauss"], gauss, rtol=1e-5)
+    np.testing.assert_allclose(got["mask"], mask, rtol=1e-5)
+    np.testing.assert_allclose(got["both"], mask + gauss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(variant="gaussian"), "unknown variant"),
+    (dict(p_min=0.0), "p_min"),
+    (dict(p_min=1.0), "p_min"),
+    (dict(p_min=-0.5), "p_min"),
+    (dict(p_min=float("nan")), "p_min"),
+    (dict(steps=0), "steps.*>= 1"),
+    (dict(num_samples=0), "num_samples.*>= 1"),
+    (dict(batch_size=-1), "batch_size must be >= 1, got -1"),
+    (dict(grid_size=0), "grid_size must be >= 1, got 0"),
+    (dict(delta=1.5), r"delta must lie in \(0, 1\), got 1.5"),
+    (dict(mask_lr=-0.05), "mask_lr must be > 0"),
+    (dict(weight_lr=float("nan")), "weight_lr must be > 0"),
+    (dict(estimator="nope"), "unknown estimator 'nope'"),
+    (dict(estimator_options=(("temperature", 0.5),)), "unknown options"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sb.SBConfig(**kwargs)
