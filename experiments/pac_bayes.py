@@ -43,7 +43,8 @@ from jaxprune import self_bounded as sb
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.preset = ""  # "" (digits, CPU), "fashion_mnist" (real data, LeNet-300-100; GPU) or
-    # "fashion_mnist_cpu" (real data, MLP 784-100-10, per-example MC with 2 repeats: M = 60 000; 2 CPU cores)
+    # "fashion_mnist_cpu" (real data, MLP 784-100-10, per-example MC with 2 repeats: M = 60 000;
+    # 2 CPU cores)
     c.seed = 0
     c.num_seeds = 2  # leading axis S of every result array
     c.split_seed = 0  # the prior/bound split (one split for all seeds; its hash is recorded)
