@@ -278,12 +278,7 @@ def test_fit_metrics_are_the_bound_at_reported_risk_and_kl():
 
 def _adam_first_moment(opt_state, group):
     """mu of the Adam of multi_transform group "mask" or "weights": (1 - b1) g after one step."""
-    def is_adam(s):
-        return isinstance(s, optax.ScaleByAdamState)
-
-    (adam,) = [s for s in jax.tree.leaves(opt_state.inner_states[group], is_leaf=is_adam)
-               if is_adam(s)]
-    return adam.mu
+    return optax.tree_utils.tree_get(opt_state.inner_states[group], "mu")
 
 
 def test_train_step_gradient_and_metrics_match_bound_by_enumeration():
