@@ -34,12 +34,12 @@ MODEL = _TinyNet()
 TX = train.make_optimizer(CFG)
 
 
-def _init(key, sparsity=0.5):
+def _init(key, sparsity=0.5, tx=TX):
     init_key, mask_key = jax.random.split(key)
-    state = train.init_state(init_key, MODEL, jnp.zeros((1, 5)), TX)
+    state = train.init_state(init_key, MODEL, jnp.zeros((1, 5)), tx)
     flags = masks.prunable_tree(state.params)
     mask = pruners.random_uniform(mask_key, state.params, sparsity, flags)
-    return train.state_from_params(jax.random.wrap_key_data(state.key), state.params, state.batch_stats, TX, mask)
+    return train.state_from_params(jax.random.wrap_key_data(state.key), state.params, state.batch_stats, tx, mask)
 
 
 def _fit(strategy, keys, **kw):
@@ -155,13 +155,7 @@ def _ce_by_hand(logits, y):
 def _sgd_setup(momentum):
     """(tx, state, x, y): SGD at learning rate 0.3 on a half-pruned _TinyNet, one batch of 8."""
     tx = train.make_optimizer(train.TrainConfig(optimizer="sgd", learning_rate=0.3, momentum=momentum))
-
-    def init(key):  # as _init, with the SGD optimiser; one compile instead of many eager ops
-        params, batch_stats = train.init_variables(key, MODEL, jnp.zeros((1, 5)))
-        mask = pruners.random_uniform(key, params, 0.5, masks.prunable_tree(params))
-        return train.state_from_params(key, params, batch_stats, tx, mask)
-
-    state = jax.jit(init)(jax.random.key(3))
+    state = jax.jit(functools.partial(_init, tx=tx))(jax.random.key(3))  # one compile, not eager ops
     ds = _dataset()
     return tx, state, jnp.asarray(ds.train.x[:8]), jnp.asarray(ds.train.y[:8])
 
