@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -252,10 +253,29 @@ def load_data(c: config_dict.ConfigDict) -> data_lib.Dataset:
 
 
 def make_model(c: config_dict.ConfigDict, num_classes: int):
-    """Model from a config block with a `name` and optional model kwargs in `kwargs`."""
+    """Model from a config block with a `name` and optional model kwargs in `kwargs`.
+
+    A study's config carries the kwargs of its default model (the MLP's `widths`), which a locked
+    config cannot delete; so kwargs the chosen model does not take are dropped with a warning that
+    names them, and `--config.model.name=small_cnn` works on an MLP study.
+    """
     kwargs = dict(c.get("kwargs", {}) or {})
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return models.get_model(c.name, num_classes=num_classes, **kwargs)
+
+    def takes(key: str, value: Any) -> bool:  # flax modules are dataclasses: building one is free
+        try:
+            models.get_model(c.name, num_classes=num_classes, **{key: value})
+        except TypeError:
+            return False
+        return True
+
+    dropped = sorted(k for k, v in kwargs.items() if not takes(k, v))
+    if dropped:
+        given = ", ".join(f"{k}={kwargs[k]!r}" for k in dropped)
+        warnings.warn(f"model {c.name!r} does not take {given} (another model's kwargs in the "
+                      "config): ignored", stacklevel=2)
+    return models.get_model(c.name, num_classes=num_classes,
+                            **{k: v for k, v in kwargs.items() if k not in dropped})
 
 
 def plot_lines(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 
@@ -42,3 +43,22 @@ def test_pft_quick(tmp_path):
     est = {r["estimator"]: r for r in out["estimators"]}
     assert est["rloo"]["total_variance"] > est["concrete"]["total_variance"] > 0
     assert out["dense"]["mean"] < 0.5
+
+
+def test_make_model_drops_the_kwargs_of_another_model():
+    """A study's locked config keeps its default model's kwargs (prune_baselines: the MLP's widths);
+    `--config.model.name=small_cnn` must still build a SmallCNN, warning about what it dropped, and
+    kwargs the model does take must reach it."""
+    from experiments import common, prune_baselines
+    from jaxprune import models
+
+    c = prune_baselines.get_config()
+    c.model.name = "small_cnn"
+    with pytest.warns(UserWarning, match=r"model 'small_cnn' does not take widths=\(256, 128\)"):
+        model = common.make_model(c.model, 10)
+    assert isinstance(model, models.SmallCNN)
+    c = prune_baselines.get_config()
+    c.model.kwargs.widths = (8,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped, nothing to warn about
+        assert common.make_model(c.model, 10).widths == (8,)
