@@ -287,7 +287,8 @@ def relaxed_bernoulli(
     tau -> 0 while the variance grows like 1/tau. With `hard`, the forward pass uses
     1[s + l > 0] ~ Bern(p) and the backward pass the soft m~ (straight-through Gumbel).
     `tau` may be a traced array (annealing schedules)."""
-    if not isinstance(tau, jax.core.Tracer) and not float(np.min(tau)) > 0:
+    # np.asarray first: np.min on a jax.Array calls its .min(), which a surrounding jit stages.
+    if not isinstance(tau, jax.core.Tracer) and not float(np.min(np.asarray(tau))) > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     num = _check_num_samples(num_samples)
     prob = _problem(loss_fn, logits, params, prunable)

@@ -248,7 +248,8 @@ def polynomial_sparsity(
     t1 = jnp.asarray(end_step, jnp.float32)
     if update_freq is not None:
         dt = jnp.asarray(update_freq, jnp.float32)
-        t = jnp.where(t > t0, t0 + jnp.floor((t - t0) / dt) * dt, t)
+        # Held between updates; from t1 on the schedule is s_f even when t1 is off the grid.
+        t = jnp.where((t > t0) & (t < t1), t0 + jnp.floor((t - t0) / dt) * dt, t)
     progress = jnp.clip((t - t0) / (t1 - t0), 0.0, 1.0)
     s_i = jnp.asarray(initial_sparsity, jnp.float32)
     s_f = jnp.asarray(final_sparsity, jnp.float32)
@@ -261,7 +262,9 @@ def is_update_step(
     end_step: jax.typing.ArrayLike,
     update_freq: jax.typing.ArrayLike = 1,
 ) -> jax.Array:
-    """True at t0, t0 + dt, ..., up to t1 (the steps at which Zhu-Gupta re-threshold the mask)."""
+    """True at t0, t0 + dt, ... up to t1, and at t1 (the steps at which Zhu-Gupta re-threshold the
+    mask; t1 itself so that s_f is applied when t1 is off the grid)."""
     t = jnp.asarray(step, jnp.int32)
     t0 = jnp.asarray(begin_step, jnp.int32)
-    return (t >= t0) & (t <= jnp.asarray(end_step, jnp.int32)) & ((t - t0) % update_freq == 0)
+    t1 = jnp.asarray(end_step, jnp.int32)
+    return (t >= t0) & (t <= t1) & (((t - t0) % update_freq == 0) | (t == t1))

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.stats import norm
 
 PyTree = Any
@@ -123,8 +124,8 @@ TARGETS = {
 
 def target_code(name: str | int) -> int:
     """'smallest' / 'S' -> 0, 'random' / 'R' -> 1, 'largest' / 'L' -> 2 (ints pass through)."""
-    if isinstance(name, int) and name in (SMALLEST, RANDOM, LARGEST):
-        return name
+    if isinstance(name, (int, np.integer)) and int(name) in (SMALLEST, RANDOM, LARGEST):
+        return int(name)
     if name not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)} or 0/1/2, got {name!r}")
     return TARGETS[name]

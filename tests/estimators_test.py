@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import integrate, special
+from scipy import stats as sps
 
 from jaxprune import estimators as est_lib
 
@@ -126,6 +128,12 @@ def test_exact_matches_brute_force(exact: est_lib.Estimate) -> None:
     np.testing.assert_allclose(
         _flat(exact.grads), (prob * losses) @ (bits - p), rtol=1e-4, atol=1e-7
     )
+    # Weight gradients: sum_m P(m) grad_w L(m, w), per-mask autodiff weighted in float64 numpy.
+    per_mask = jax.jit(jax.vmap(jax.grad(loss_fn, argnums=1), in_axes=(0, None)))(
+        jax.tree.map(jnp.asarray, mask_tree), PARAMS
+    )
+    expected = jax.tree.map(lambda g: np.tensordot(prob, np.asarray(g, np.float64), 1), per_mask)
+    chex.assert_trees_all_close(exact.param_grads, expected, rtol=1e-4, atol=1e-7)
     # Non-prunable leaves: zero gradient.
     assert np.all(np.asarray(exact.grads["dense1"]["bias"]) == 0)
     assert np.all(np.asarray(exact.grads["head"]["bias"]) == 0)
@@ -165,6 +173,23 @@ def test_straight_through_is_biased(sampled: dict, exact: est_lib.Estimate) -> N
     assert _z(_flat(sampled["straight_through"].grads, 1), _flat(exact.grads)).max() > 10.0
 
 
+_mask_grads = jax.jit(jax.vmap(jax.grad(loss_fn)))  # dL/dm at each of K masks
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_straight_through_is_the_chain_rule_at_the_sampled_masks(row: int, sampled: dict) -> None:
+    # g = mean_k dL/dm(m_k) * p (1 - p) at the very masks REINFORCE draws (`sample_masks`), forward
+    # value = mean_k L(m_k). The bias test above passes for any wrong gradient, e.g. a backward
+    # pass without the sigmoid' factor or with soft masks; this one does not.
+    p = 1 / (1 + np.exp(-_flat(LOGITS).astype(np.float64)))
+    masks = jax.tree.map(lambda a: a[row], sampled["masks"])
+    dl_dm = _flat(jax.device_get(_mask_grads(masks)), 1)  # (K, d)
+    est = jax.tree.map(lambda a: a[row], sampled["straight_through"])
+    np.testing.assert_allclose(_flat(est.grads), dl_dm.mean(0) * p * (1 - p), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(est.value, sampled["losses"][row].mean(), rtol=1e-6)
+    assert np.all(np.asarray(est.grads["dense1"]["bias"]) == 0)
+
+
 def test_relaxed_bias_shrinks_with_tau(sampled: dict, exact: est_lib.Estimate) -> None:
     g = _flat(sampled["concrete"].grads, 2)  # (N, taus, d)
     target = _flat(exact.grads)
@@ -174,6 +199,50 @@ def test_relaxed_bias_shrinks_with_tau(sampled: dict, exact: est_lib.Estimate) -
     for i in range(len(TAUS) - 1):
         assert bias[i] - bias[i + 1] > 3 * np.hypot(se[i], se[i + 1]), (bias, se)
     assert bias[0] > 0.2 * np.linalg.norm(target)
+
+
+# Concrete on a linear loss L(m) = c . m: E[L(m~)] and its gradient are 1-D integrals over the
+# logistic noise (scipy quadrature oracle), and the straight-through variant's backward pass must be
+# the soft one exactly (dL/dm = c whatever the forward mask). One sample per key, N keys.
+LIN_S = np.array([-1.0, 0.3, 1.2], np.float32)
+LIN_C = np.array([1.0, -2.0, 0.5], np.float32)
+LIN_TAU = 0.5
+
+
+def _linear_loss(mask: PyTree) -> jax.Array:
+    return jnp.dot(jnp.asarray(LIN_C), mask["w"])
+
+
+@jax.jit
+def _concrete_linear(keys: jax.Array) -> dict[str, est_lib.Estimate]:
+    def one(k: jax.Array) -> dict[str, est_lib.Estimate]:
+        return {
+            name: est_lib.get_estimator(name, tau=LIN_TAU)(_linear_loss, {"w": LIN_S}, k, 1)
+            for name in ("concrete", "concrete_st")
+        }
+
+    return jax.vmap(one)(keys)
+
+
+def test_concrete_matches_quadrature_on_linear_loss() -> None:
+    out = jax.device_get(_concrete_linear(jax.random.split(jax.random.key(1), N)))
+    soft, hard = out["concrete"], out["concrete_st"]
+
+    def noise_mean(f: Any, s: float) -> float:  # E_l f((s + l) / tau), l ~ Logistic(0, 1)
+        return integrate.quad(lambda l: f((s + l) / LIN_TAU) * sps.logistic.pdf(l), -60, 60)[0]
+
+    dsig = lambda z: special.expit(z) * (1 - special.expit(z))
+    relaxed = np.array([noise_mean(special.expit, s) for s in LIN_S])
+    slope = np.array([noise_mean(dsig, s) / LIN_TAU for s in LIN_S])  # d/ds E[sigmoid((s+l)/tau)]
+    # Soft: mean gradient and value of the relaxed objective (4 SE, N = 4000; tau misplaced as
+    # sigmoid(s / tau + l) or Gumbel instead of logistic noise moves them by > 10 SE).
+    assert _z(soft.grads["w"], LIN_C * slope).max() < 4.0
+    assert _z(soft.value[:, None], np.array([LIN_C @ relaxed])).max() < 4.0
+    # Hard: forward losses are c . b for binary b, mean c . sigmoid(s); backward = soft, exactly.
+    combos = np.array(list(itertools.product([0.0, 1.0], repeat=3))) @ LIN_C
+    assert np.abs(hard.value[:, None] - combos[None]).min(1).max() < 1e-6
+    assert _z(hard.value[:, None], np.array([LIN_C @ special.expit(LIN_S)])).max() < 4.0
+    np.testing.assert_allclose(hard.grads["w"], soft.grads["w"], rtol=1e-6)
 
 
 def test_rloo_has_lower_variance_than_no_baseline(sampled: dict) -> None:
@@ -239,3 +308,52 @@ def test_unknown_names_and_bad_options_raise() -> None:
         call("disarm", loss=lambda m: m["w"])
     with pytest.raises(ValueError, match="logits and prunable have different tree structures"):
         call("rloo", num=2, prunable={"v": True})
+
+
+def test_bad_logits_samples_and_options_raise() -> None:
+    # Each check below exists in the library but was never triggered; dropping one would let a
+    # wrong call run silently (an int logit leaf, a half-sample count, decay = 1 dividing by 0).
+    key = jax.random.key(0)
+    total = lambda m: jnp.sum(m["w"])
+    w3 = {"w": jnp.zeros((3,))}
+
+    def call(fn: Any, logits: PyTree = w3, num: Any = 2, **kw: Any) -> None:
+        jax.jit(lambda k: fn(total, logits, k, num, **kw).value)(key)
+
+    with pytest.raises(ValueError, match="decay must lie in \\[0, 1\\), got 1.0"):
+        est_lib.get_estimator("reinforce_ma", decay=1.0)
+    with pytest.raises(ValueError, match="decay must lie in"):
+        est_lib.get_estimator("reinforce", baseline="moving_average", decay=-0.1)
+    with pytest.raises(ValueError, match="tau must be > 0, got -0.1"):  # direct: no registry check
+        call(est_lib.relaxed_bernoulli, tau=-0.1)
+    with pytest.raises(ValueError, match="unknown baseline 'mean'"):
+        call(est_lib.reinforce, baseline="mean")
+    with pytest.raises(ValueError, match="logits has no leaves"):
+        call(est_lib.disarm, logits={})
+    with pytest.raises(ValueError, match="logits leaf 'w' must be floating, got int32"):
+        call(est_lib.disarm, logits={"w": jnp.zeros((3,), jnp.int32)})
+    with pytest.raises(ValueError, match="prunable marks no leaf as prunable"):
+        call(est_lib.straight_through, prunable={"w": False})
+    with pytest.raises(ValueError, match="num_samples must be a Python int"):
+        call(est_lib.disarm, num=2.5)
+    with pytest.raises(ValueError, match="num_samples must be a Python int"):
+        jax.jit(lambda n: est_lib.reinforce(total, w3, key, n).value)(4)  # traced: sets shapes
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        call(est_lib.disarm, num=0)
+    with pytest.raises(ValueError, match="d = 3 prunable entries > max_dim = 2"):
+        call(est_lib.get_estimator("exact", max_dim=2))  # the option is bound, not dropped
+    # init follows the bound baseline option, not the registry name.
+    ma = est_lib.get_estimator("reinforce", baseline="moving_average", decay=0.5)
+    assert isinstance(ma.init(w3), est_lib.MovingAverageState)
+    assert dict(ma.options) == {"baseline": "moving_average", "decay": 0.5}
+    rloo = est_lib.get_estimator("reinforce_ma", baseline="rloo")
+    assert isinstance(rloo.init(), est_lib.EmptyState)
+
+
+def test_concrete_accepts_a_concrete_jax_array_tau_under_jit() -> None:
+    # The tau check used float(np.min(tau)), which a jit around a concrete jax.Array tau staged.
+    key = jax.random.key(0)
+    est = est_lib.get_estimator("concrete", tau=jnp.asarray(LIN_TAU))  # passes the registry check
+    got = jax.jit(lambda k: est(_linear_loss, {"w": LIN_S}, k, 1).value)(key)
+    ref = est_lib.relaxed_bernoulli(_linear_loss, {"w": LIN_S}, key, 1, tau=LIN_TAU).value
+    np.testing.assert_allclose(got, ref, rtol=1e-6)

@@ -139,3 +139,81 @@ def test_polynomial_sparsity_holds_between_updates():
     )
     with pytest.raises(ValueError, match="end_step"):
         schedules.polynomial_sparsity(0, 0.5, 10, 10)
+
+
+def _grid_layers():
+    """Hand-picked edge cases plus 200 random small schedules (all events before epoch 61)."""
+    layers = [
+        L(1, 1.0, 0, 0, 1),  # one filter, one event, all pruned
+        L(10, 0.7, 0, 9, 3),  # float quirk: final_kept = 4
+        L(7, 0.0, 2, 20, 5),  # nothing to prune: all counts 0
+        L(5, 1.0, 1, 13, 4),  # end on the grid
+        L(13, 0.5, 0, 12, 1),  # period 1: 13 events of 0 or 1
+        L(9, 0.33, 4, 5, 7),  # period beyond the span: one event
+        L(16, 0.1, 3, 23, 7),  # end off the grid, ceil gives zero-count events
+    ]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        start = int(rng.integers(0, 20))
+        layers.append(
+            L(
+                int(rng.integers(1, 600)),
+                float(rng.choice([0.0, 1.0, round(float(rng.uniform()), 2)], p=[0.1, 0.1, 0.8])),
+                start,
+                int(rng.integers(start, 61)),
+                int(rng.integers(1, 25)),
+            )
+        )
+    return layers
+
+
+def test_counts_at_epoch_equals_host_table_on_a_grid():
+    # The docstring claims the integer ceil equals the host's float formula "for all sizes"; the
+    # vgg test covers only N = 512 and 4 periods. An off-by-one in n, floor for ceil, or an event
+    # at epoch `end` dropped shows up here.
+    layers = _grid_layers()
+    table = schedules.count_table(layers, 61)
+    arrays = schedules.layer_arrays(layers)
+    traced = jax.jit(jax.vmap(lambda e: schedules.counts_at_epoch(e, **arrays)))(jnp.arange(61))
+    np.testing.assert_array_equal(traced, table)
+    for layer in layers:  # host-side invariants of the counts themselves
+        counts, n, final = layer.counts, layer.num_events, layer.final_kept
+        assert len(counts) == n and min(counts) >= 0 and sum(counts) == layer.num_filters - final
+        assert schedules.kept_after(layer.num_filters, final, n, n) == final
+        assert schedules.event_counts(layer.num_filters, layer.fraction, n) == counts
+    assert L(10, 0.7, 0, 9, 3).counts == (1, 2, 1, 2)  # kept 10 -> 9 -> 7 -> 6 -> 4
+    assert L(16, 0.1, 3, 23, 7).counts == (0, 0, 1) and L(7, 0.0, 2, 20, 5).counts == (0,) * 4
+
+
+def test_more_bad_schedules_raise():
+    with pytest.raises(ValueError, match="num_filters must be >= 1, got 0"):
+        L(0, 0.5, 0, 3, 1)
+    with pytest.raises(ValueError, match="LayerSchedule 'c': start must be >= 0, got -1"):
+        L(8, 0.5, -1, 3, 1, "c")
+    with pytest.raises(ValueError, match="fraction must lie in \\[0, 1\\], got -0.1"):
+        L(8, -0.1, 0, 3, 1)
+    with pytest.raises(ValueError, match="num_events must be >= 1"):
+        schedules.event_counts(8, 0.5, 0)
+    with pytest.raises(ValueError, match="at least one LayerSchedule"):
+        schedules.count_table([], 10)
+    with pytest.raises(ValueError, match="end_step \\(5\\) must exceed begin_step \\(10\\)"):
+        schedules.polynomial_sparsity(0, 0.5, 10, 5)
+
+
+def test_polynomial_sparsity_power_and_initial_value():
+    f = jax.jit(lambda t: schedules.polynomial_sparsity(t, 0.9, 0, 100, 0.5, power=1.0))
+    np.testing.assert_allclose(jax.vmap(f)(jnp.array([0, 25, 50, 100])), [0.5, 0.6, 0.7, 0.9])
+
+
+def test_polynomial_sparsity_reaches_final_after_end_step_off_grid():
+    # t1 = 45 off the grid 10, 20, ...: the held value used to stay at s(40) = 0.7977 up to step 50,
+    # and no update step applied s_f. Now s(t >= 45) = s_f, and 45 is an update step.
+    f = jax.jit(lambda t: schedules.polynomial_sparsity(t, 0.8, 10, 45, update_freq=10))
+    after = np.asarray(jax.vmap(f)(jnp.arange(45, 56)))
+    np.testing.assert_allclose(after, 0.8, rtol=1e-6)
+    held = np.asarray(jax.vmap(f)(jnp.arange(40, 45)))
+    np.testing.assert_allclose(held, 0.8 - 0.8 * (1 - 30 / 35) ** 3, rtol=1e-6)  # s(40), held
+    up = jax.jit(lambda t: schedules.is_update_step(t, 10, 45, 10))
+    np.testing.assert_array_equal(
+        np.flatnonzero(jax.vmap(up)(jnp.arange(60))), [10, 20, 30, 40, 45]
+    )

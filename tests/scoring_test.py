@@ -304,3 +304,76 @@ def test_whole_target_by_rate_sweep_runs_in_one_program(key):
                 )
                 expected[keep] = True
                 np.testing.assert_array_equal(alive[run, li], expected)
+
+
+def test_prune_ranks_alive_by_score_then_dead(key):
+    ranks = jax.jit(jax.vmap(scoring.prune_ranks, in_axes=(None, None, None, 0)))(
+        key, SCORES, ALIVE, np.array([S, L, R])
+    )
+    ranks = np.asarray(ranks)
+    # Alive filters 0..5 in score order (ascending for S, descending for L); the dead 3 and 6 last.
+    alive_s = [3, 0, 5, -1, 4, 1, -1, 2]
+    alive_l = [2, 5, 0, -1, 1, 4, -1, 3]
+    for got, want in ((ranks[0], alive_s), (ranks[1], alive_l)):
+        np.testing.assert_array_equal(got[ALIVE], np.array(want)[ALIVE])
+        assert sorted(got[~ALIVE]) == [6, 7]
+    # R: a permutation of 0..7 with the six alive filters taking ranks 0..5.
+    assert sorted(ranks[2]) == list(range(8)) and sorted(ranks[2][ALIVE]) == list(range(6))
+
+
+def test_activation_ema_momentum_and_period_are_used():
+    acts = np.random.default_rng(4).normal(size=(7, 5, 3)).astype(np.float32)  # (steps, N, O)
+    run = jax.jit(
+        lambda acts: jax.lax.scan(
+            lambda st, a: (scoring.activation_ema_update(st, a, momentum=0.5, every=3),) * 2,
+            scoring.activation_ema_init(3),
+            acts,
+        )[1].score
+    )
+    expected, hist = np.zeros(3), []
+    for t in range(7):  # updates after calls 3 and 6 only
+        if (t + 1) % 3 == 0:
+            expected = 0.5 * np.abs(acts[t]).sum(0) + 0.5 * expected
+        hist.append(expected)
+    np.testing.assert_allclose(run(acts), np.array(hist), rtol=1e-6)
+
+
+def test_channel_noise_is_independent_per_leaf_and_channel_exact(key):
+    layer = _layer()  # kernel (3, 3, 2, 4), scale (4,), bias (4,)
+    targeted = np.array([True, False, True, False])
+    noisy = jax.jit(scoring.add_channel_noise)(key, layer, targeted, 0.5)
+    for name in layer:  # untouched channels bit for bit, targeted ones moved
+        diff = np.asarray(noisy[name]) - layer[name]
+        np.testing.assert_array_equal(diff[..., ~targeted], 0.0)
+        assert np.all(diff[..., targeted] != 0)
+    # One key per leaf: the two (4,) leaves must not receive the same draws.
+    d_scale = np.asarray(noisy["scale"]) - layer["scale"]
+    d_bias = np.asarray(noisy["bias"]) - layer["bias"]
+    assert not np.allclose(d_scale[targeted], d_bias[targeted])
+    chex.assert_trees_all_equal(
+        jax.jit(scoring.add_channel_noise)(key, layer, targeted, 0.0), layer
+    )
+
+
+def test_bad_shapes_and_targets_raise(key):
+    with pytest.raises(ValueError, match="kernel must have >= 2 dims"):
+        scoring.filter_norm(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="kernel must have >= 2 dims"):
+        scoring.unperturbed_std(np.ones(4, np.float32), np.ones(4, bool))
+    with pytest.raises(ValueError, match="activation must have >= 1 dims"):
+        scoring.activation_ema_update(scoring.activation_ema_init(1), np.float32(1.0))
+    with pytest.raises(ValueError, match="must be \\(O,\\) vectors"):
+        scoring.select(key, SCORES.reshape(2, 4), ALIVE.reshape(2, 4), 1, S)
+    with pytest.raises(ValueError, match="must be \\(O,\\) vectors"):
+        scoring.select(key, SCORES, ALIVE[:7], 1, S)
+    with pytest.raises(ValueError, match="equal \\(E,\\) arrays"):
+        scoring.generalization(np.ones(5), np.ones(4), 0)
+    with pytest.raises(ValueError, match="target must be one of"):
+        scoring.target_code(3)
+    assert [scoring.target_code(t) for t in (0, 1, 2, "S", "largest")] == [S, R, L, S, L]
+    assert scoring.target_code(np.int64(2)) == L and type(scoring.target_code(np.int64(2))) is int
+    with pytest.raises(ValueError, match="target must be one of"):
+        scoring.target_code(np.int64(3))
+    # Ties in the best test accuracy: the first epoch wins (documented).
+    g = scoring.generalization(np.array([0.8, 0.9, 0.9]), np.array([1.0, 0.95, 0.99]), 0)
+    assert int(g.best_epoch) == 1 and float(g.gap) == pytest.approx(0.05)
