@@ -251,9 +251,10 @@ def channel_to_param_mask(
     """Broadcast per-output-channel masks (one vector per conv unit) onto a params-shaped mask.
 
     For each unit (a `jaxprune.models.ConvUnit`) whose name is in `channel_masks`, the vector c (length O)
-    masks the kernel's last axis, the following BatchNorm's scale and bias, and every shortcut param
-    that adds onto the same channels (projection kernel and its BatchNorm), so a pruned channel is
-    exactly zero after BN and ReLU. Everything else gets ones.
+    masks the kernel's last axis, the following BatchNorm's scale and bias (or, with no BatchNorm,
+    the conv's own bias), and every shortcut param that adds onto the same channels (projection
+    kernel and its BatchNorm), so a pruned channel is exactly zero after BN and ReLU. Everything
+    else gets ones.
     """
     known = {u.name for u in units}
     unknown = sorted(set(channel_masks) - known)
@@ -270,7 +271,10 @@ def channel_to_param_mask(
                 f"channel mask {u.name!r} has shape {c.shape}, kernel {'/'.join(u.kernel_path)} "
                 f"has {kernel.shape[-1]} output channels"
             )
-        targets = [u.kernel_path] + ([u.bn_path] if u.bn_path else []) + list(u.shortcut_paths)
+        # Without a BatchNorm after it, the conv's own bias goes too (the whole conv module), or the
+        # pruned channel would output relu(bias).
+        own = [u.kernel_path, u.bn_path] if u.bn_path else [u.kernel_path[:-1]]
+        targets = own + list(u.shortcut_paths)
         for path in targets:
             node = get_path(params, path)
             if isinstance(node, Mapping):  # a BatchNorm (or conv) module: mask each of its leaves

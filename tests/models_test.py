@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import models
+from jaxprune import masks, models
 from jaxprune.models import layers
 
 PyTree = Any
@@ -293,10 +294,250 @@ def test_tiny_forward_and_fast_equals_reference(name: str, kwargs: dict, shape: 
 
 
 def test_jitted_init_of_a_small_model(key) -> None:
-    model = models.get_model("small_cnn", 10, channels=(2, 2, 4, 4), dense=8, batch_norm=True)
+    model = models.get_model("small_cnn", 10, channels=(2, 2, 4, 64), dense=8, batch_norm=True)
     variables = jax.jit(model.init)(key, jnp.zeros((2, 8, 8, 1)))
     chex.assert_trees_all_equal_shapes(
         variables, jax.eval_shape(model.init, key, jnp.zeros((2, 8, 8, 1))))
     np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], np.ones(2))
-    # He (fan_out) init: Var[w] = 2 / (O k_h k_w); check the first conv's std loosely (36 samples).
-    assert 0.2 < float(jnp.std(variables["params"]["conv3"]["kernel"])) < 0.35  # sqrt(2/36) = 0.236
+    np.testing.assert_array_equal(variables["params"]["conv4"]["bias"], np.zeros(64))
+    # He (fan_out) init: Var[w] = 2 / (O k_h k_w). conv4 has 2304 weights, fan_out 576 and fan_in
+    # 36, so the sample std (relative sd 1.5%) tells the modes apart: fan_out 0.059, fan_in 0.236,
+    # flax's default lecun_normal 0.167 (the old check, 0.2 < std < 0.35 on a 4-in 4-out conv,
+    # passed fan_in too).
+    w = np.asarray(variables["params"]["conv4"]["kernel"])
+    np.testing.assert_allclose(w.std(), np.sqrt(2 / 576), rtol=0.1)
+    assert abs(w.mean()) < 4 * np.sqrt(2 / 576) / np.sqrt(w.size)
+
+
+# ---- whole models against numpy forwards written from the docstrings (train and eval BN) ----
+#
+# The fast-vs-reference test above runs the same model code twice, so it cannot see an
+# architecture bug (BN after the ReLU, a missing ReLU, a pool in the wrong place, an option-A
+# shortcut padded on one side, a stride on conv2 instead of conv1) or a BatchNorm with flax's
+# defaults (momentum 0.99) instead of PyTorch's (0.9, eps 1e-5).
+
+
+def _np_conv(x: np.ndarray, k: np.ndarray, strides: tuple, pads: tuple) -> np.ndarray:
+    """sum over window offsets of the strided input slice times the kernel tap (HWIO / WIO)."""
+    nd = k.ndim - 2
+    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [(xp.shape[1 + d] - k.shape[d]) // strides[d] + 1 for d in range(nd)]
+    y = 0.0
+    for off in itertools.product(*(range(n) for n in k.shape[:nd])):
+        sl = tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, strides, out))
+        y = y + np.einsum("...c,co->...o", xp[(slice(None), *sl)], k[off])
+    return y
+
+
+def _np_bn(x: np.ndarray, p: dict, s: dict, train: bool) -> tuple[np.ndarray, dict]:
+    """PyTorch BatchNorm: batch statistics (biased variance) in train mode, updating the running
+    ones with momentum 0.1; running statistics in eval mode; eps 1e-5."""
+    if train:
+        mean, var = x.mean(tuple(range(x.ndim - 1))), x.var(tuple(range(x.ndim - 1)))
+        s = {"mean": 0.9 * s["mean"] + 0.1 * mean, "var": 0.9 * s["var"] + 0.1 * var}
+    else:
+        mean, var = s["mean"], s["var"]
+    return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"], s
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _np_pool(x: np.ndarray) -> np.ndarray:
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _dense(x: np.ndarray, p: dict) -> np.ndarray:
+    return x.reshape(x.shape[0], -1) @ p["kernel"] + p["bias"]
+
+
+def _np_mlp(p: dict, s: dict, x: np.ndarray, train: bool) -> tuple[np.ndarray, dict]:
+    h = _relu(_dense(_relu(_dense(x, p["dense1"])), p["dense2"]))
+    return _dense(h, p["head"]), s
+
+
+def _np_conv1d(p: dict, s: dict, x: np.ndarray, train: bool) -> tuple[np.ndarray, dict]:
+    for i in (1, 2, 3):  # k=5, stride 2, padding 1: 40 -> 19 -> 9 -> 4
+        c = p[f"conv{i}"]
+        x = _relu(_np_conv(x, c["kernel"], (2,), ((1, 1),)) + c["bias"])
+    return _dense(x, p["head"]), s
+
+
+def _np_small_cnn(p: dict, s: dict, x: np.ndarray, train: bool) -> tuple[np.ndarray, dict]:
+    new = {}
+    for i in (1, 2, 3, 4):  # conv -> BN -> ReLU, a pool after each pair
+        c = p[f"conv{i}"]
+        x, new[f"bn{i}"] = _np_bn(_np_conv(x, c["kernel"], (1, 1), ((1, 1),) * 2) + c["bias"],
+                                  p[f"bn{i}"], s[f"bn{i}"], train)
+        x = _relu(x)
+        x = _np_pool(x) if i % 2 == 0 else x
+    return _dense(_relu(_dense(x, p["dense1"])), p["head"]), new
+
+
+VGG_TINY_CFG = (4, "M", 6, 6, "M")
+
+
+def _np_vgg(p: dict, s: dict, x: np.ndarray, train: bool) -> tuple[np.ndarray, dict]:
+    new, i = {}, 0
+    for c in VGG_TINY_CFG:
+        if c == "M":
+            x = _np_pool(x)
+            continue
+        i += 1
+        conv = p[f"conv{i}"]
+        x, new[f"bn{i}"] = _np_bn(_np_conv(x, conv["kernel"], (1, 1), ((1, 1),) * 2) + conv["bias"],
+                                  p[f"bn{i}"], s[f"bn{i}"], train)
+        x = _relu(x)
+    return _dense(x, p["head"]), new
+
+
+def _np_resnet(p: dict, s: dict, x: np.ndarray, train: bool,
+               shortcut: str) -> tuple[np.ndarray, dict]:
+    """Stem (2 channels), an identity block (2 -> 2) and a stride-2 block (2 -> 4) whose shortcut is
+    option A (x[::2, ::2] zero-padded by planes // 4 = 1 channel on each side, as Idelbayev's
+    LambdaLayer) or B (1x1 stride-2 conv + BN)."""
+    pad1 = ((1, 1), (1, 1))
+    new = {}
+    x, new["stem_bn"] = _np_bn(_np_conv(x, p["stem_conv"]["kernel"], (1, 1), pad1), p["stem_bn"],
+                               s["stem_bn"], train)
+    x = _relu(x)
+    for name, stride, planes in (("stage1_block1", 1, 2), ("stage2_block1", 2, 4)):
+        bp, bs, nb = p[name], s[name], {}
+        y, nb["bn1"] = _np_bn(_np_conv(x, bp["conv1"]["kernel"], (stride,) * 2, pad1), bp["bn1"],
+                              bs["bn1"], train)
+        y, nb["bn2"] = _np_bn(_np_conv(_relu(y), bp["conv2"]["kernel"], (1, 1), pad1), bp["bn2"],
+                              bs["bn2"], train)
+        if stride == 1:
+            sc = x
+        elif shortcut == "B":
+            sc, nb["shortcut_bn"] = _np_bn(
+                _np_conv(x, bp["shortcut_conv"]["kernel"], (2, 2), ((0, 0), (0, 0))),
+                bp["shortcut_bn"], bs["shortcut_bn"], train)
+        else:
+            sc = np.pad(x[:, ::2, ::2], [(0, 0)] * 3 + [(planes // 4, planes // 4)])
+        x, new[name] = _relu(y + sc), nb
+    return _dense(x.mean(axis=(1, 2)), p["head"]), new
+
+
+RESNET_TINY = {"stage_sizes": (1, 1), "stage_widths": (2, 4), "stem_width": 2}
+NUMPY_CASES = [  # id, model name, kwargs, input shape, numpy forward
+    ("mlp", "mlp", {"widths": (16, 8)}, (3, 4, 4, 1), _np_mlp),
+    ("conv1d", "conv1d", {"channels": (4, 4, 4)}, (3, 40, 1), _np_conv1d),
+    ("small_cnn_bn", "small_cnn", {"channels": (3, 4, 5, 6), "dense": 7, "batch_norm": True},
+     (3, 4, 4, 2), _np_small_cnn),
+    ("vgg", "vgg11_bn", {"cfg": VGG_TINY_CFG}, (3, 4, 4, 2), _np_vgg),
+    ("resnet_A", "resnet20", {**RESNET_TINY, "shortcut": "A"}, (3, 4, 4, 2),
+     lambda p, s, x, t: _np_resnet(p, s, x, t, "A")),
+    ("resnet_B", "resnet20", {**RESNET_TINY, "shortcut": "B"}, (3, 4, 4, 2),
+     lambda p, s, x, t: _np_resnet(p, s, x, t, "B")),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,shape,reference", [c[1:] for c in NUMPY_CASES],
+                         ids=[c[0] for c in NUMPY_CASES])
+def test_forward_and_batch_norm_match_numpy(name: str, kwargs: dict, shape: tuple, reference,
+                                            key) -> None:
+    model = models.get_model(name, 10, **kwargs)
+    x = jax.random.normal(key, shape)
+    variables = dict(_numpy_init(jax.eval_shape(model.init, key, x), seed=1))
+    variables.setdefault("batch_stats", {})
+    apply = jax.jit(lambda v, x: (model.apply(v, x, train=True, mutable=["batch_stats"]),
+                                  model.apply(v, x, train=False, mutable=["batch_stats"])))
+    (out_t, new_t), (out_e, new_e) = apply(variables, x)
+    p64, s64 = (jax.tree.map(lambda a: np.asarray(a, np.float64), variables[k])
+                for k in ("params", "batch_stats"))
+    x64 = np.asarray(x, np.float64)
+    want_t, want_stats = reference(p64, s64, x64, True)
+    want_e, _ = reference(p64, s64, x64, False)
+    np.testing.assert_allclose(out_t, want_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out_e, want_e, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(dict(new_t["batch_stats"]), want_stats, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_equal(new_e["batch_stats"], variables["batch_stats"])  # eval: untouched
+    if variables["batch_stats"]:  # train and eval differ (batch vs running statistics)
+        assert np.abs(np.asarray(out_t) - np.asarray(out_e)).max() > 1e-2
+
+
+# ---- conv_units + masks.channel_to_param_mask silence exactly the pruned channels ----
+
+MASK_CASES = [  # id, model name, kwargs, input shape, unit to prune, layer whose output is checked
+    # All three VGG convs have 4 or 6 channels, so a unit paired with the wrong BN (conv2 -> bn3)
+    # would pass the shape checks of test_conv_units_paths_and_order.
+    pytest.param("vgg11_bn", {"cfg": (4, "M", 6, 6, "M")}, (3, 4, 4, 2), "conv2", "bn2", id="vgg"),
+    # Without BatchNorm the conv's own bias must be masked too, or the pruned channel carries
+    # relu(0 * x + b) = relu(b) (it did before channel_to_param_mask masked the whole conv module).
+    pytest.param("conv1d", {"channels": (4, 4, 4)}, (3, 40, 1), "conv2", "conv2", id="conv1d"),
+    pytest.param("small_cnn", {"channels": (3, 4, 5, 6), "dense": 7}, (3, 4, 4, 2), "conv3",
+                 "conv3", id="small_cnn_no_bn"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,shape,unit,layer", MASK_CASES)
+def test_channel_mask_zeroes_exactly_the_pruned_channels(name: str, kwargs: dict, shape: tuple,
+                                                         unit: str, layer: str, key) -> None:
+    model = models.get_model(name, 10, **kwargs)
+    x = jax.random.normal(key, shape)
+    variables = dict(_numpy_init(jax.eval_shape(model.init, key, x), seed=2))
+    variables.setdefault("batch_stats", {})
+    # Trained-looking biases: positive, so relu(bias) would show through a pruned channel.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.abs(v) + 0.1 if path[-1].key == "bias" else v, variables["params"])
+    units = models.conv_units(model, params)
+    width = masks.get_path(params, {u.name: u for u in units}[unit].kernel_path).shape[-1]
+    dead = np.zeros(width, bool)
+    dead[[1, width - 1]] = True
+    mask = masks.channel_to_param_mask(params, {unit: jnp.asarray(~dead, jnp.float32)}, units)
+
+    @jax.jit
+    def activations(p: PyTree) -> list[jax.Array]:
+        acts = []
+        for train in (True, False):
+            _, state = model.apply({**variables, "params": p}, x, train=train,
+                                   capture_intermediates=True,
+                                   mutable=["intermediates", "batch_stats"])
+            acts.append(jax.nn.relu(state["intermediates"][layer]["__call__"][0]))
+        return acts
+
+    for full, pruned in zip(activations(params), activations(masks.apply(params, mask))):
+        full, pruned = np.asarray(full), np.asarray(pruned)
+        positions = tuple(range(full.ndim - 1))
+        assert np.abs(full[..., dead]).max(axis=positions).min() > 0  # not vacuous
+        np.testing.assert_array_equal(pruned[..., dead], 0.0)
+        np.testing.assert_allclose(pruned[..., ~dead], full[..., ~dead], rtol=1e-6, atol=1e-6)
+
+
+# ---- bad arguments: model constructors and conv_units ----
+
+
+def _kernel_2d(params: PyTree) -> PyTree:
+    """small_cnn params whose conv1 kernel is a 2-D (dense-like) array."""
+    kernel = jax.ShapeDtypeStruct((3, 4), jnp.float32)
+    return {**params, "conv1": {**params["conv1"], "kernel": kernel}}
+
+
+def _init_shape(name: str, shape: tuple, **kwargs) -> Any:
+    return jax.eval_shape(models.get_model(name, 10, **kwargs).init, jax.random.key(0),
+                          jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda: _init_shape("small_cnn", (1, 8, 8, 1), channels=(2, 2, 2)),
+                 r"channels=\(2, 2, 2\): need pairs of convs", id="small_cnn-odd-channels"),
+    pytest.param(lambda: _init_shape("vgg11_bn", (1, 2, 2, 1), cfg=(4, "M", 4, "M")),
+                 r"VGG input map \(1, 1\) too small to pool", id="vgg-input-too-small"),
+    pytest.param(lambda: _init_shape("resnet20", (1, 8, 8, 3), shortcut="C"),
+                 r"shortcut='C'; expected one of \('A', 'B'\)", id="resnet-shortcut"),
+    pytest.param(lambda: _init_shape("small_cnn", (2, 8, 8)),
+                 r"conv1: input of shape \(2, 8, 8\) for a 2-D conv", id="conv-input-rank"),
+    pytest.param(lambda: models.conv_units(nn.Dense(3), {}),
+                 "Dense does not list its conv units", id="conv_units-no-list"),
+    pytest.param(lambda: models.conv_units(
+        models.get_model("small_cnn", 10),
+        _kernel_2d(_init_shape("small_cnn", (1, 8, 8, 3))["params"])),
+                 "conv1/kernel is not a conv kernel", id="conv_units-2d-kernel"),
+])
+def test_bad_model_arguments_raise(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
