@@ -399,5 +399,9 @@ def max_pool(x: jax.Array, impl: str = "reshape") -> jax.Array:
 
 
 def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    """PyTorch BatchNorm2d defaults: running = 0.9 running + 0.1 batch, eps = 1e-5, gamma=1, beta=0."""
+    """PyTorch BatchNorm2d defaults: running = 0.9 running + 0.1 batch, eps = 1e-5, gamma=1, beta=0.
+
+    One difference kept from flax: the running variance averages the biased batch variance, where
+    PyTorch's averages the unbiased one (a factor n / (n - 1), n = examples x pixels per channel).
+    """
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
