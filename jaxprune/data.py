@@ -151,6 +151,8 @@ def read_idx(path: str) -> np.ndarray:
         raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4]!r})")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:  # e.g. a truncated download
+        raise ValueError(f"{path}: {len(data)} bytes, shorter than its {ndim}-dimension header")
     shape = tuple(int(s) for s in np.frombuffer(data[4:header], ">u4"))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     if len(data) - header != dtype.itemsize * int(np.prod(shape)):

@@ -433,3 +433,101 @@ def _case(id_, call, match):
 def test_bad_arguments_table(tmp_path, call, match):
     with pytest.raises(ValueError, match=match):
         call(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review additions: exact values against the documented formulas and hand-written bytes.
+
+
+@pytest.mark.parametrize("n,b,num_batches", [(10, 4, 9), (3, 8, 2)])
+def test_batch_indices_is_documented_fold_in_permutation(key, n, b, num_batches):
+    # Catches: epoch keys from jax.random.split (or a key reused across epochs) instead of the
+    # documented fold_in(key, e), which silently changes every published data order; too few
+    # epochs when batch_size > num_examples (3, 8: one batch spans three epochs).
+    num_epochs = -(-num_batches * b // n)
+    perms = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
+             for e in range(num_epochs)]
+    expected = np.concatenate(perms)[: num_batches * b].reshape(num_batches, b)
+    np.testing.assert_array_equal(_batch_indices(key, n, b, num_batches), expected)
+
+
+def test_batch_indices_drop_remainder_is_per_epoch_prefix(key):
+    # Catches: drop_remainder cutting the concatenated epochs (epoch 1 would start with epoch 0's
+    # leftovers 8, 9 of its permutation) instead of each epoch's own permutation; and fewer
+    # batches not being a prefix of more when drop_remainder is on.
+    n, b = 10, 4
+    perms = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n)) for e in range(3)]
+    expected = np.concatenate([p[:8].reshape(2, b) for p in perms])[:5]
+    idx = np.asarray(_batch_indices(key, n, b, 5, True))
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_array_equal(_batch_indices(key, n, b, 3, True), idx[:3])
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        # big-endian int16 0x0102 = 258 and 0xfffe = -2 (little-endian would give 513, -257).
+        (b"\x00\x00\x0b\x01\x00\x00\x00\x02\x01\x02\xff\xfe", np.array([258, -2], np.int16)),
+        # int8 (code 0x09) is not in the round-trip test; 0xff must read as -1, not 255.
+        (b"\x00\x00\x09\x02\x00\x00\x00\x01\x00\x00\x00\x02\x7f\xff",
+         np.array([[127, -1]], np.int8)),
+        # big-endian float32 0x3f800000 = 1.0, 0xc0000000 = -2.0; sizes >= 256 need all 4 bytes.
+        (b"\x00\x00\x0d\x01\x00\x00\x00\x02\x3f\x80\x00\x00\xc0\x00\x00\x00",
+         np.array([1.0, -2.0], np.float32)),
+    ],
+    ids=["int16", "int8-2d", "float32"],
+)
+def test_read_idx_hand_written_bytes(tmp_path, raw, expected):
+    # Independent of write_idx (a symmetric byte-order bug in both would pass the round trip).
+    (tmp_path / "x").write_bytes(raw)
+    out = data.read_idx(str(tmp_path / "x"))
+    assert out.dtype == expected.dtype and out.dtype.isnative  # native order for JAX / numpy ops
+    np.testing.assert_array_equal(out, expected)
+    assert out.flags.writeable  # a copy, not a read-only view of the file's bytes
+
+
+def test_read_idx_rejects_trailing_bytes_and_large_sizes(tmp_path):
+    # Catches: a `<` instead of `!=` size check (extra bytes accepted), and sizes read as one
+    # byte: 0x00000100 = 256 must be parsed as 256, not 0.
+    (tmp_path / "long").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x05\x06")
+    with pytest.raises(ValueError, match=r"long: 2 data bytes, header says shape \(1,\)"):
+        data.read_idx(str(tmp_path / "long"))
+    (tmp_path / "big").write_bytes(b"\x00\x00\x08\x01\x00\x00\x01\x00" + bytes(range(256)))
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "big")), np.arange(256))
+
+
+def test_read_idx_truncated_header_names_the_file(tmp_path):
+    # A truncated header used to raise numpy's "buffer size must be a multiple of element size",
+    # or, cut on a 4-byte boundary, a negative data-byte count.
+    (tmp_path / "trunc").write_bytes(b"\x00\x00\x08\x03\x00\x00")  # ndim 3, half of one size
+    with pytest.raises(ValueError, match=r"trunc: 6 bytes, shorter than its 3-dimension header"):
+        data.read_idx(str(tmp_path / "trunc"))
+    (tmp_path / "trunc4").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x02")
+    with pytest.raises(ValueError, match=r"trunc4: 8 bytes, shorter than its 3-dimension header"):
+        data.read_idx(str(tmp_path / "trunc4"))
+
+
+def test_idx_partial_directory_error_names_path_and_missing_files(tmp_path):
+    # Catches: a generic message (all four reported missing, or no path) when only the test
+    # files are absent, e.g. after an interrupted copy.
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        write_idx(str(tmp_path / name), np.zeros((1, 28, 28) if "images" in name else (1,),
+                                                  np.uint8))
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert f"data_dir={str(tmp_path)!r}" in msg
+    assert "missing ['t10k-images', 't10k-labels']" in msg
+
+
+def test_tfds_split_strings_and_digits_split_seed(tfds_dir, tfds_test_name):
+    # Catches: the train_split / test_split kwargs dropped or swapped on the way to tfds.
+    ds = data.load_dataset(tfds_test_name, data_dir=tfds_dir, normalize=False,
+                           train_split="test[:5]", test_split="train[:3]")
+    full = data.load_dataset(tfds_test_name, data_dir=tfds_dir, normalize=False)
+    np.testing.assert_array_equal(ds.train.x, full.test.x[:5])
+    np.testing.assert_array_equal(ds.test.y, full.train.y[:3])
+    # Catches: digits' split_seed ignored (a fixed split whatever the seed).
+    a = data.load_dataset("digits", normalize=False, split_seed=1)
+    assert a.train.x.shape == (1437, 8, 8, 1)
+    assert not np.array_equal(a.test.y, data.load_dataset("digits", normalize=False).test.y)
