@@ -77,6 +77,9 @@ class TrainConfig:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    if cfg.weight_decay and cfg.optimizer != "adamw":  # it would be ignored, silently
+        raise ValueError(f"weight_decay={cfg.weight_decay} applies to optimizer 'adamw' only, "
+                         f"got optimizer={cfg.optimizer!r}")
     if cfg.optimizer == "adam":
         return optax.adam(cfg.learning_rate)
     if cfg.optimizer == "adamw":

@@ -1,5 +1,6 @@
 """Many-seed training: vmap == sequential == single runs; pruned weights stay zero; exact resume."""
 
+import dataclasses
 import functools
 
 import chex
@@ -232,3 +233,117 @@ def test_evaluate_equals_full_batch_eval_mode_apply(sgd_step, batch_size):
     np.testing.assert_allclose(out["loss"], _ce_by_hand(ref, yt), rtol=1e-5)
     err = np.mean(np.argmax(np.asarray(ref), -1) != np.asarray(yt))
     assert 0 < err < 1 and float(out["error"]) == pytest.approx(err, abs=1e-7)
+
+
+def test_adamw_step_decays_kept_weights_and_keeps_pruned_ones_zero():
+    """One adamw step (lr 0.1, wd 0.5) from weights that are nonzero under the mask too:
+    w' = m * (w - lr * (g / (|g| + eps) + wd * w)) (first Adam step: m_hat = g, v_hat = g^2).
+    Catches weight_decay not passed on (plain adam), coupled or wrong-signed decay, and decay
+    resurrecting pruned weights when only the gradient is masked (no mask re-applied)."""
+    lr, wd = 0.1, 0.5
+    tx = train.make_optimizer(train.TrainConfig(optimizer="adamw", learning_rate=lr, weight_decay=wd))
+    s0 = jax.jit(functools.partial(_init, tx=tx))(jax.random.key(3))
+    # Nonzero weights where m == 0, so only the re-applied mask can keep them at zero under decay.
+    s0 = s0.replace(params=jax.tree.map(lambda w, m: jnp.where(m == 0, 0.3, w), s0.params, s0.mask))
+    ds = _dataset()
+    x, y = jnp.asarray(ds.train.x[:8]), jnp.asarray(ds.train.y[:8])
+    s1, _ = jax.jit(lambda s: train.train_step(s, x, y, model=MODEL, tx=tx))(s0)
+    _, g, _, _ = _grad_by_hand(s0.params, s0.batch_stats, s0.mask, x, y)
+    g = jax.tree.map(lambda gi, m: gi * m, g, s0.mask)
+    expected = jax.tree.map(lambda w, gi, m: m * (w - lr * (gi / (jnp.abs(gi) + 1e-8) + wd * w)),
+                            s0.params, g, s0.mask)
+    chex.assert_trees_all_close(s1.params, expected, rtol=1e-5, atol=1e-6)
+    for name in ("Dense_0", "Dense_1"):
+        w, m = np.asarray(s1.params[name]["kernel"]), np.asarray(s0.mask[name]["kernel"])
+        assert 0 < m.sum() < m.size and np.all(w[m == 0] == 0.0)
+        # Without decay the kept weights would differ by lr * wd * w (~0.05 w): it was applied.
+        w0 = np.asarray(s0.params[name]["kernel"])[m == 1]
+        assert np.abs(lr * wd * w0).max() > 1e-2
+
+
+def test_train_epoch_order_is_batch_indices_of_the_key_only():
+    """train_epoch == train_step over x[batch_indices(key, n, b, steps)] in order; the state's own
+    key does not enter, one epoch (4 batches of 8 of 32) sees every example exactly once, and another
+    key gives another result. Catches shuffling with state.key, sampling with replacement, a fixed
+    order, or a wrong step count."""
+    tx, s0, _, _ = _sgd_setup(0.0)
+    ds = _dataset()
+    x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
+    k = jax.random.key(11)
+    epoch = jax.jit(lambda s, key: train.train_epoch(s, x, y, key, model=MODEL, tx=tx, batch_size=8, steps=4))
+    s_ep, m_ep = epoch(s0, k)
+    idx = data.batch_indices(k, 32, 8, 4)
+    assert idx.shape == (4, 8) and sorted(np.asarray(idx).ravel().tolist()) == list(range(32))
+    step = jax.jit(lambda s, i: train.train_step(s, x[i], y[i], model=MODEL, tx=tx))
+    s, losses = s0, []
+    for i in idx:
+        s, m = step(s, i)
+        losses.append(float(m["loss"]))
+    chex.assert_trees_all_close(s_ep, s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_ep["loss"], losses, rtol=1e-5)
+    assert int(s_ep.step) == 4
+    other_state_key = s0.replace(key=jax.random.key_data(jax.random.key(99)))
+    chex.assert_trees_all_equal(epoch(other_state_key, k)[0].params, s_ep.params)
+    assert not np.allclose(epoch(s0, jax.random.key(12))[0].params["Dense_0"]["kernel"],
+                           s_ep.params["Dense_0"]["kernel"])
+
+
+def test_fit_history_is_epoch_means_and_evaluate_of_the_state():
+    """fit for 2 epochs of steps_per_epoch=3 == two vmapped train_epochs with keys
+    fold_in(run_key, epoch); each history record holds the mean train loss/error of its epoch's
+    steps and `evaluate` of the state after it, per seed. Catches last-step (not mean) train metrics,
+    evaluating the pre-epoch state, one key for every epoch, and ignoring steps_per_epoch."""
+    keys = train.seed_keys(0, 2)
+    cfg = dataclasses.replace(CFG, epochs=2, steps_per_epoch=3, seed_strategy="vmap")
+    states0 = train.map_seeds(_init, (0,), "vmap")(keys)
+    run_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    seen = []
+    final, hist = train.fit(MODEL, cfg, states0, _dataset(), run_keys, progress=False,
+                            after_epoch=lambda e, s: seen.append((e, s)))
+    ds = _dataset()
+    x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
+    xt, yt = jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
+    epoch = jax.jit(jax.vmap(functools.partial(train.train_epoch, model=MODEL, tx=TX, batch_size=8, steps=3),
+                             in_axes=(0, None, None, 0)))
+    ev = jax.jit(jax.vmap(functools.partial(train.evaluate, model=MODEL, batch_size=16), in_axes=(0, None, None)))
+    s = states0
+    assert [r["epoch"] for r in hist] == [1, 2] and [e for e, _ in seen] == [1, 2]
+    for e, rec in enumerate(hist):
+        s, m = epoch(s, x, y, jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, e))
+        chex.assert_trees_all_close(seen[e][1], s, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rec["train_loss"], m["loss"].mean(-1), rtol=1e-5)
+        np.testing.assert_allclose(rec["train_error"], m["error"].mean(-1), atol=1e-6)
+        out = ev(s, xt, yt)
+        np.testing.assert_allclose(rec["test_loss"], out["loss"], rtol=1e-5)
+        np.testing.assert_allclose(rec["test_error"], out["error"], atol=1e-6)
+        assert len(rec["train_loss"]) == 2 and len(rec["test_error"]) == 2
+    chex.assert_trees_all_close(final, s, rtol=1e-5, atol=1e-6)
+    assert final.step.tolist() == [6, 6]
+
+
+def test_fit_map_seeds_and_seed_keys_validate_their_inputs():
+    """Clear ValueErrors before any training: batch larger than the training set, states and run
+    keys of different seed counts, an unknown map_seeds strategy, batch_shards without "sharded",
+    weight decay on an optimizer other than adamw, an unknown optimizer.
+    seed_keys: reproducible, pairwise distinct, seed-dependent."""
+    keys = train.seed_keys(0, 2)
+    states = train.map_seeds(_init, (0,), "vmap")(keys)
+    with pytest.raises(ValueError, match="batch_size 64 exceeds the 32 training examples"):
+        train.fit(MODEL, dataclasses.replace(CFG, batch_size=64), states, _dataset(), keys, progress=False)
+    with pytest.raises(ValueError, match="2 states but 3 run keys"):
+        train.fit(MODEL, CFG, states, _dataset(), train.seed_keys(1, 3), progress=False)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        train.map_seeds(lambda v: v, (0,), "threads")
+    for opt in ("adam", "sgd"):  # weight decay is adamw's; elsewhere it would be dropped silently
+        with pytest.raises(ValueError, match=f"weight_decay=0.1 applies to optimizer 'adamw' only, "
+                                             f"got optimizer='{opt}'"):
+            train.make_optimizer(train.TrainConfig(optimizer=opt, weight_decay=0.1))
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        train.make_optimizer(train.TrainConfig(optimizer="lamb"))
+    for strategy in ("vmap", "sequential", "sharded_sequential"):
+        with pytest.raises(ValueError, match="batch_shards=2 needs seed strategy 'sharded'"):
+            train.map_seeds(lambda v: v, (0,), strategy, batch_shards=2)
+    k = jax.random.key_data(train.seed_keys(5, 4))
+    chex.assert_trees_all_equal(k, jax.random.key_data(train.seed_keys(5, 4)))
+    assert len({tuple(r) for r in np.asarray(k).tolist()}) == 4
+    assert not np.array_equal(k, jax.random.key_data(train.seed_keys(6, 4)))
