@@ -286,7 +286,8 @@ class Runner:
     `batch_shards` > 1 ("sharded" only): each run's training batch is also split over that many
     devices (a (runs, batch) mesh; `train.constrain_batch` in `run_step`). On several processes
     the states stay with their runs' devices between steps (`returns_state`), the per-run outputs
-    are gathered onto every process, and `stacked` gathers the states.
+    are gathered onto every process (unless `map(..., gather=False)`: then the caller gathers
+    them with `sharding.readable`, e.g. once per epoch), and `stacked` gathers the states.
     """
 
     def __init__(self, strategy: str, num_runs: int, batch_shards: int = 1):
@@ -335,16 +336,16 @@ class Runner:
         return [jax.device_put(one(states, jnp.int32(i)), self.device(i)) if i in self.ids
                 else None for i in range(train.num_seeds(states))]
 
-    def _rows(self, per_run: Sequence[Any]) -> Any:
+    def _rows(self, per_run: Sequence[Any], gather: bool = True) -> Any:
         """Per-run pytrees of this process's runs (on their devices) as one stacked pytree over
-        all R runs that every process can read."""
+        all R runs, seed-sharded over the mesh; with `gather`, one that every process can read."""
         if self.mesh is None:
             return stack([jax.device_put(r, self.devices[0]) for r in per_run])
         by_device = {d: [] for d in self.local_devices}
         for i, r in zip(self.mine, per_run):
             by_device[self.device(i)].append(r)
-        return sharding.readable(sharding.from_blocks([stack(rs) for rs in by_device.values()],
-                                                      self.mesh))
+        rows = sharding.from_blocks([stack(rs) for rs in by_device.values()], self.mesh)
+        return sharding.readable(rows) if gather else rows
 
     def stacked(self, states: Any) -> RunState:
         """One stacked RunState that every process can read (checkpoints, the caller)."""
@@ -354,16 +355,17 @@ class Runner:
             return sharding.readable(states)
         return self._rows([states[i] for i in self.mine])
 
-    def map(self, fn, in_axes: Sequence[int | None], returns_state: bool = False):
+    def map(self, fn, in_axes: Sequence[int | None], returns_state: bool = False,
+            gather: bool = True):
         """fn(state, *args) -> (state, aux) (`returns_state`) or aux; returns f(states, *args) ->
-        same, aux stacked."""
+        same, aux stacked (and, on several processes, readable by every process if `gather`)."""
         in_axes = tuple(in_axes)
         if self.strategy == "vmap":
             return jax.jit(jax.vmap(fn, in_axes=(0,) + in_axes))
         if self.strategy == "sharded":
             return sharding.map_seeds_sharded(fn, (0,) + in_axes, self.batch_shards,
                                               devices=self.mesh.devices.ravel(),
-                                              returns_state=returns_state)
+                                              returns_state=returns_state, gather_outputs=gather)
 
         @jax.jit
         def single(state, i, *args):
@@ -380,11 +382,11 @@ class Runner:
                        else {self.devices[0]: args})
             outs = [single(states[i], self.ids[i], *per_dev[self.device(i)]) for i in self.mine]
             if not returns_state:
-                return self._rows(outs)
+                return self._rows(outs, gather)
             new = [None] * len(states)
             for i, o in zip(self.mine, outs):
                 new[i] = o[0]
-            return new, self._rows([o[1] for o in outs])
+            return new, self._rows([o[1] for o in outs], gather)
 
         return run
 
@@ -412,16 +414,21 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     test_batches = [runner.replicate((xt[i:i + eval_batch_size], yt[i:i + eval_batch_size]))
                     for i in range(0, xt.shape[0], eval_batch_size)]
     specs = runner.per_run(specs)
+    # Per-step and per-batch outputs stay on their runs' devices and are gathered once per epoch:
+    # on several processes every gather is a collective that waits for all of them.
     step_fn = runner.map(functools.partial(run_step, model=model, tx=tx, units=units, noise=noise),
-                         (None, None, 0, 0, 0), returns_state=True)
-    correct_fn = runner.map(functools.partial(num_correct, model=model), (None, None))
+                         (None, None, 0, 0, 0), returns_state=True, gather=False)
+    correct_fn = runner.map(functools.partial(num_correct, model=model), (None, None), gather=False)
     prune_fn = runner.map(functools.partial(prune_event, units=units, scoring_name=scoring_name),
                           (0, 0, 0), returns_state=True)
+    sum_batches = jax.jit(lambda cs: functools.reduce(jnp.add, cs))
+    stack_steps = jax.jit(lambda ms: jax.tree.map(lambda *v: jnp.stack(v, -1), *ms))
     order_fn = jax.jit(jax.vmap(functools.partial(
         data_lib.batch_indices, num_examples=x.shape[0], batch_size=batch_size, num_batches=steps)))
 
     def test_acc(st) -> np.ndarray:
-        return sum(np.asarray(correct_fn(st, xb, yb)) for xb, yb in test_batches) / xt.shape[0]
+        correct = sum_batches([correct_fn(st, xb, yb) for xb, yb in test_batches])
+        return np.asarray(sharding.readable(correct)) / xt.shape[0]
 
     num_runs, num_epochs = counts.shape[:2]
     hist = {k: np.zeros((num_runs, num_epochs), np.float64)
@@ -439,13 +446,13 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
         idx = order_fn(keys)  # (R, steps, B): each run's own order, a function of its key
         noise_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1 << 20)
-        loss, err = [], []
+        ms = []
         for t in range(steps):
             states, m = step_fn(states, x, y, idx[:, t], noise_keys, specs)
-            loss.append(m["loss"])
-            err.append(m["error"])
-        hist["train_acc"][:, epoch] = 1.0 - np.asarray(jnp.stack(err, -1)).mean(-1)
-        hist["train_loss"][:, epoch] = np.asarray(jnp.stack(loss, -1)).mean(-1)
+            ms.append(m)
+        m = sharding.readable(stack_steps(ms))  # (R, steps) each
+        hist["train_acc"][:, epoch] = 1.0 - np.asarray(m["error"]).mean(-1)
+        hist["train_loss"][:, epoch] = np.asarray(m["loss"]).mean(-1)
         hist["t_pre"][:, epoch] = t_pre = test_acc(states)
         k_e = counts[:, epoch]
         if k_e.any():  # mask update, then t_post with nothing in between

@@ -205,6 +205,7 @@ def map_seeds_sharded(
     batch_shards: int = 1,
     devices: Sequence[jax.Device] | None = None,
     returns_state: bool = False,
+    gather_outputs: bool = True,
 ) -> Callable[..., Any]:
     """`jit(vmap(fn))` with the seed axis of in_axes-0 arguments (and all outputs) sharded.
 
@@ -212,7 +213,9 @@ def map_seeds_sharded(
     replicated rather than seed-sharded (one all-gather per call), so host code reads them as on one
     host; with `returns_state` (fn returns (state, aux), and the state is fed back in) only aux is
     replicated and the state stays seed-sharded, so a loop of calls does not gather every seed's
-    state onto every host at every step. With `batch_shards` > 1 each seed's batch is split over
+    state onto every host at every step. `gather_outputs=False` leaves the outputs seed-sharded
+    on several processes too, for a caller that gathers many calls' outputs at once (`readable`):
+    every gather is a collective that waits for all processes. With `batch_shards` > 1 each seed's batch is split over
     the "batch" mesh axis wherever `fn` marks it with `train.constrain_batch` (`train.train_epoch`
     does, for every step's batch): `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with
     `spmd_axis_name="seeds"`, so such a constraint composes with the seed sharding. Compiles once
@@ -231,7 +234,8 @@ def map_seeds_sharded(
             # Multi-host: outputs are gathered onto every device (one all-gather per call), so
             # every process can read them with numpy and feed them back in; a returned state
             # (returns_state) stays seed-sharded, since it only goes back in.
-            out = NamedSharding(mesh, P(SEEDS) if jax.process_count() == 1 else P())
+            gathered = gather_outputs and jax.process_count() > 1
+            out = NamedSharding(mesh, P() if gathered else P(SEEDS))
             if returns_state:
                 out = (NamedSharding(mesh, P(SEEDS)), out)
             compiled[n] = jax.jit(jax.vmap(_batched_seed_convs(fn), in_axes=in_axes,
