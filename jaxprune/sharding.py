@@ -215,11 +215,12 @@ def map_seeds_sharded(
     replicated and the state stays seed-sharded, so a loop of calls does not gather every seed's
     state onto every host at every step. `gather_outputs=False` leaves the outputs seed-sharded
     on several processes too, for a caller that gathers many calls' outputs at once (`readable`):
-    every gather is a collective that waits for all processes. With `batch_shards` > 1 each seed's batch is split over
-    the "batch" mesh axis wherever `fn` marks it with `train.constrain_batch` (`train.train_epoch`
-    does, for every step's batch): `fn` is traced under the mesh (`jax.set_mesh`) and vmapped with
-    `spmd_axis_name="seeds"`, so such a constraint composes with the seed sharding. Compiles once
-    per mesh (i.e. per S modulo the device count).
+    every gather is a collective that waits for all processes. With `batch_shards` > 1 each
+    seed's batch is split over the "batch" mesh axis wherever `fn` marks it with
+    `train.constrain_batch` (`train.train_epoch` does, for every step's batch): `fn` is traced
+    under the mesh (`jax.set_mesh`) and vmapped with `spmd_axis_name="seeds"`, so such a
+    constraint composes with the seed sharding. Compiles once per mesh (i.e. per S modulo the
+    device count).
     """
     in_axes = tuple(in_axes)
     if any(ax not in (0, None) for ax in in_axes):
