@@ -198,3 +198,201 @@ def test_every_process_hits_the_compilation_cache(tmp_path, monkeypatch) -> None
         for p in run:
             np.testing.assert_allclose(p["y"], expected, rtol=1e-6)
             assert p["local"] == [1.0, 3.0, 5.0, 7.0]
+
+
+# A study stand-in without JAX (starts in ~50 ms): records its argv, __name__, cores and cluster
+# variables; argv[2] = "fail:i:code" makes process i exit with `code` ("kill": SIGKILL itself)
+# while the others sleep, to be stopped by the launcher.
+TINY = textwrap.dedent("""
+    import json, os, signal, sys, time
+
+    out, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
+    i = int(os.environ["JAX_PROCESS_ID"])
+    env = {k: os.environ.get(k) for k in ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES",
+                                          "JAX_COORDINATOR_ADDRESS", "JAX_PLATFORMS")}
+    with open(os.path.join(out, f"tiny_{i}.json"), "w") as f:
+        json.dump({"argv": sys.argv[1:], "name": __name__, "pid": os.getpid(), "env": env,
+                   "cores": sorted(os.sched_getaffinity(0))}, f)
+    print(f"tiny process {i} says hello", flush=True)
+    if mode.startswith("fail:"):
+        _, who, code = mode.split(":")
+        if int(who) == i:
+            if code == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            sys.exit(int(code))
+        time.sleep(60)
+""")
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    install_module("jaxprune_tiny", TINY, tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def _read_tiny(out, processes: int = 2) -> list[dict]:
+    return [json.loads((out / f"tiny_{i}.json").read_text()) for i in range(processes)]
+
+
+def test_launch_passes_arguments_ids_and_cores_to_every_process(tiny, tmp_path,
+                                                                 monkeypatch) -> None:
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # the launcher's default applies
+    cores = sorted(os.sched_getaffinity(0))
+    pin = len(cores) >= 2
+    logs = tmp_path / "logs"
+    assert launch.launch("jaxprune_tiny", [str(tiny), "ok", "--flag=1"], 2, pin=pin,
+                         logdir=str(logs)) == 0
+    infos = _read_tiny(tiny)
+    for i, info in enumerate(infos):
+        # Catches an argv shifted by one (the module name or the cores passed on) and a module
+        # run under its own name (its `if __name__ == "__main__"` would not run).
+        assert info["argv"] == [str(tiny), "ok", "--flag=1"] and info["name"] == "__main__"
+        assert info["env"]["JAX_PROCESS_ID"] == str(i) and info["env"]["JAX_NUM_PROCESSES"] == "2"
+        assert info["env"]["JAX_PLATFORMS"] == "cpu"
+        # Catches pinning lost on the way to the child (its XLA pool would take every core).
+        assert info["cores"] == (launch.core_blocks(cores, 2)[i] if pin else cores)
+    assert infos[0]["env"]["JAX_COORDINATOR_ADDRESS"] == infos[1]["env"]["JAX_COORDINATOR_ADDRESS"]
+    # Process 1 writes to its log; process 0 to the terminal (no log of its own).
+    assert (logs / "process_1.log").read_text() == "tiny process 1 says hello\n"
+    assert sorted(p.name for p in logs.iterdir()) == ["process_1.log"]
+
+
+# mode, the launcher's status, the child's status as Popen reports it (-n: killed by signal n)
+@pytest.mark.parametrize("mode,code,status", [("fail:1:3", 3, 3), ("fail:1:kill", 137, -9),
+                                              ("fail:0:5", 5, 5)])
+def test_launch_returns_the_failed_status_and_stops_the_others(tiny, tmp_path, capfd, mode, code,
+                                                               status) -> None:
+    start = time.monotonic()
+    got = launch.launch("jaxprune_tiny", [str(tiny), mode], 2, pin=False,
+                        logdir=str(tmp_path / "logs"))
+    elapsed = time.monotonic() - start
+    # Catches 128 - n for a signal (-9 -> 119, not 137) and the status of the wrong process.
+    assert got == code
+    # Catches the others left running (they sleep 60 s) or waited for up to STOP_GRACE_S without
+    # a SIGTERM first.
+    assert elapsed < launch.STOP_GRACE_S / 2, elapsed
+    failed = int(mode.split(":")[1])
+    sleeper = _read_tiny(tiny)[1 - failed]["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(sleeper, 0)  # stopped and reaped
+    err = capfd.readouterr().err
+    assert f"# launch: process {failed} exited with status {status}" in err, err
+    # Process 1's log tail is shown; process 0 wrote to the terminal, so there is none for it.
+    assert ("tiny process 1 says hello" in err) == (failed == 1), err
+    assert "# launch: stopped the other processes" in err
+
+
+def test_main_parses_the_study_after_the_double_dash(tiny, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    def main(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "experiments.launch", *argv],
+                              capture_output=True, text=True, timeout=60)
+
+    ok = main("--processes=2", "--nopin", f"--logdir={tmp_path / 'logs'}", "--",
+              "jaxprune_tiny", str(tiny), "ok")
+    assert ok.returncode == 0, ok.stderr
+    assert [i["argv"] for i in _read_tiny(tiny)] == [[str(tiny), "ok"]] * 2
+    assert main("--processes=2", "--nopin", "--", "jaxprune_tiny", str(tiny),
+                "fail:1:4").returncode == 4  # the study's status is the launcher's
+    # Usage errors, not tracebacks: no study, an unknown module, too many pinned processes.
+    too_many = f"--processes={len(os.sched_getaffinity(0)) + 1}"
+    for argv, message in (((), "give the study after '--'"),
+                          (("--", "nosuch_module"), "no module named 'nosuch_module'"),
+                          ((too_many, "--", "jaxprune_tiny"), "pinned processes but only")):
+        bad = main(*argv)
+        assert bad.returncode == 1 and message in bad.stderr, (argv, bad.stderr)
+        assert "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_fail_fast_exits_at_once_after_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from experiments import common
+
+    shown, exits = [], []
+    monkeypatch.setattr(sys, "excepthook", lambda *a: shown.append(a[0]))
+    monkeypatch.setattr(os, "_exit", exits.append)
+    common.fail_fast()
+    hook = sys.excepthook
+    common.fail_fast()
+    assert sys.excepthook is hook  # catches a second wrap (init_devices may run twice)
+    hook(RuntimeError, RuntimeError("boom"), None)
+    # Catches a hook that swallows the traceback, or returns into jax.distributed's 300 s
+    # shutdown barrier instead of exiting.
+    assert shown == [RuntimeError] and exits == [1]
+
+
+CACHE_KEYS = textwrap.dedent("""
+    import hashlib, json
+    import jax, numpy as np
+    from jax._src import cache_key, compiler
+    from experiments import common
+
+    orig_cfg = cache_key._hash_accelerator_config
+    orig_opts = cache_key._hash_serialized_compile_options
+    d0, d1 = jax.devices()
+    options = {d: compiler.get_compile_options(1, 1, device_assignment=np.array([[d.id]]))
+               for d in (d0, d1)}
+
+    def digest(fn, arg):
+        h = hashlib.sha256()
+        fn(h, arg)
+        return h.hexdigest()
+
+    def keys(cfg, opts):
+        return {"d0": digest(cfg, np.array([d0])), "d1": digest(cfg, np.array([d1])),
+                "both": digest(cfg, np.array([d0, d1])),
+                "opts0": digest(opts, options[d0]), "opts1": digest(opts, options[d1])}
+
+    out = {"orig": keys(orig_cfg, orig_opts)}
+    common.host_cpu_signature = lambda: "cpu A"
+    out["wrapped"] = common.share_cpu_cache_between_processes()
+    wrapped = cache_key._hash_accelerator_config
+    out["twice"] = common.share_cpu_cache_between_processes() and (
+        cache_key._hash_accelerator_config is wrapped)
+    out["one_process"] = keys(cache_key._hash_accelerator_config,
+                              cache_key._hash_serialized_compile_options)
+    jax.process_count = lambda: 2  # as a cluster's process sees it
+    out["cluster_a"] = keys(cache_key._hash_accelerator_config,
+                            cache_key._hash_serialized_compile_options)
+    jax.default_backend = lambda: "gpu"
+    out["gpu_cluster"] = keys(cache_key._hash_accelerator_config,
+                              cache_key._hash_serialized_compile_options)
+    jax.default_backend = lambda: "cpu"
+    cache_key._hash_accelerator_config = orig_cfg  # wrap again on a host with another CPU
+    cache_key._hash_serialized_compile_options = orig_opts
+    common.host_cpu_signature = lambda: "cpu B"
+    common.share_cpu_cache_between_processes()
+    out["cluster_b"] = keys(cache_key._hash_accelerator_config,
+                            cache_key._hash_serialized_compile_options)
+    print(json.dumps(out))
+""")
+
+
+def test_cpu_cache_keys_are_shared_by_the_processes_of_a_cluster() -> None:
+    """`common.share_cpu_cache_between_processes` on 2 fake CPU devices, with the process count
+    faked: a CPU cluster's key ignores the device (process 1 loads process 0's programs) but not
+    the host CPU; one process's keys and a GPU cluster's are jax's own."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", CACHE_KEYS], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    orig, a, b = out["orig"], out["cluster_a"], out["cluster_b"]
+    assert out["wrapped"] and out["twice"]
+    # Catches keys changed where jax's own work: one process, or a GPU cluster.
+    assert out["one_process"] == out["gpu_cluster"] == orig
+    assert orig["opts0"] != orig["opts1"]  # jax keeps the device assignment
+    # Catches a CPU cluster key with the device assignment or ids in it (process 1 never hits)...
+    assert a["d0"] == a["d1"] != a["both"] and a["opts0"] == a["opts1"]
+    assert a["d0"] != orig["d0"]
+    # ...or without the host CPU (a host with another CPU would load foreign machine code).
+    assert a["d0"] != b["d0"] and a["opts0"] == b["opts0"]

@@ -1,5 +1,6 @@
 """The fast CPU convs equal nn.Conv: "shifts" alone and vmapped over seeds, "canonical" under every
-transform (tiny shapes); smoke tests of the speed benchmarks."""
+transform (tiny shapes); "auto"'s per-layer choice (read off the jaxpr) follows README's table;
+smoke tests of the speed benchmarks."""
 
 from __future__ import annotations
 
@@ -150,10 +151,94 @@ def test_auto_picks_canonical_only_where_it_measured_faster() -> None:
     assert layers.auto_impl((64, 40, 16), (1,)) == "canonical"  # 1-D
 
 
-def test_shifts_is_a_conv_impl() -> None:
-    assert "shifts" in layers.CONV_IMPLS
-    with pytest.raises(ValueError, match="conv_impl"):
+def _impl_traced(x_shape: tuple, strides: tuple) -> str:
+    """Which implementation layers.conv(..., "auto") traced to, read off its jaxpr."""
+    x = jnp.ones(x_shape)
+    k = jnp.ones((*(3,) * len(strides), x_shape[-1], 4))
+    prims: set[str] = set()
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            prims.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(lambda x, k: layers.conv(x, k, strides, "SAME", "auto"))(x, k).jaxpr)
+    if "custom_vjp_call" in prims:
+        return "canonical"
+    # "shifts": slices and a matmul; "patches": the patches conv and a matmul; "xla": one conv.
+    return {(False, True): "shifts", (True, True): "patches", (True, False): "xla"}[
+        ("conv_general_dilated" in prims, "dot_general" in prims)]
+
+
+# x shape (N, *spatial, C_in), strides -> "auto"'s choice on CPU (README "Conv implementation on
+# CPU"): "canonical" for stride-1 convs with 8 <= C_in < 64 on maps larger than 2x2.
+AUTO_CPU = [
+    ((2, 6, 6, 8), (1, 1), "canonical"),  # C_in = 8: catches `lo < C_in`
+    ((2, 6, 6, 63), (1, 1), "canonical"),
+    ((2, 6, 6, 64), (1, 1), "shifts"),  # catches `C_in <= hi`
+    ((2, 6, 6, 7), (1, 1), "shifts"),
+    ((2, 6, 6, 8), (1, 2), "shifts"),  # catches `any(s == 1)`: one strided dim is strided
+    ((2, 6, 6, 8), (2, 1), "shifts"),
+    ((2, 1, 5, 8), (1, 1), "canonical"),  # 5 pixels > 4: catches a 2-D "larger than 2x2" test
+    ((2, 2, 2, 8), (1, 1), "shifts"),  # 4 pixels: 75x slower as "canonical"
+    ((2, 3, 3, 3, 8), (1, 1, 1), "canonical"),  # 3-D
+]
+
+
+@pytest.mark.parametrize("x_shape,strides,impl", AUTO_CPU)
+def test_auto_runs_canonical_exactly_where_the_table_says(x_shape, strides, impl) -> None:
+    assert jax.default_backend() == "cpu"
+    # Catches conv() dispatching on another shape (the kernel's) than auto_impl's rule reads.
+    assert layers.auto_impl(x_shape, strides) == _impl_traced(x_shape, strides) == impl
+
+
+def test_auto_off_cpu_picks_patches_on_small_maps_and_xla_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rule, not a real GPU
+    for x_shape, strides, impl in [
+            ((2, 2, 2, 32), (1, 1), "patches"), ((2, 1, 4, 8), (2, 1), "patches"),
+            ((2, 3, 3, 32), (1, 1), "xla"), ((2, 6, 6, 8), (1, 1), "xla"),
+            ((2, 4, 16), (1,), "patches"), ((2, 5, 16), (1,), "xla")]:
+        # Catches the CPU table used on accelerators, or a `<` at the 4-pixel boundary.
+        assert layers.auto_impl(x_shape, strides) == _impl_traced(x_shape, strides) == impl, x_shape
+
+
+def test_conv_impls_and_unknown_names_raise() -> None:
+    assert layers.CONV_IMPLS == ("auto", "xla", "patches", "shifts", "canonical")  # README's list
+    assert layers.POOL_IMPLS == ("reshape", "xla")
+    with pytest.raises(ValueError, match="conv_impl='shift'"):
         layers.check_impl("shift")
+    x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3))
+    # Catches an unknown name falling through to the last branch ("xla") of conv's dispatch.
+    with pytest.raises(ValueError, match="conv_impl='fast'"):
+        layers.conv(x, k, (1, 1), "SAME", "fast")
+    with pytest.raises(ValueError, match="conv_impl='fast'"):
+        layers.Conv(3, (3, 3), impl="fast").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="pool_impl='avg'"):
+        layers.max_pool(x, "avg")
+
+
+def test_batched_seed_convs_restores_per_seed_convs_after_an_error() -> None:
+    assert layers._PER_SEED_CONVS.get() is True
+    with pytest.raises(RuntimeError, match="inside"):
+        with layers.batched_seed_convs():
+            assert layers._PER_SEED_CONVS.get() is False
+            raise RuntimeError("inside")
+    # Catches a reset skipped by the exception: every later vmapped conv would lose per-seed convs.
+    assert layers._PER_SEED_CONVS.get() is True
+
+
+def test_vmapped_canonical_convs_of_few_rows_take_the_batched_form() -> None:
+    k = jnp.ones((3, 3, 3, 8, 4))  # 3 seeds
+
+    def f() -> Callable:  # a new function per trace: jax caches traces per function
+        return jax.vmap(lambda x, k: layers.conv(x, k, (1, 1), "VALID", "canonical"))
+
+    # Catches the MAP_MIN_ROWS rule lost (per-example gradients: S one-row convs) or off by one.
+    assert layers.MAP_MIN_ROWS == 8
+    assert not _convs(f(), jnp.ones((3, 7, 6, 6, 8)), k)
+    assert len(_convs(f(), jnp.ones((3, 8, 6, 6, 8)), k)) == 3
 
 
 # ----------------------------------------------------------------------------- speed benchmarks
