@@ -30,10 +30,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-_PROCESSES = flags.DEFINE_integer("processes", 2, "Number of processes (P).")
-_PIN = flags.DEFINE_boolean("pin", True, "Give process i the i-th of P equal blocks of the cores.")
-_LOGDIR = flags.DEFINE_string("logdir", None, "Logs of processes 1..P-1 (default: a new temp dir).")
-
 STOP_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
 LOG_TAIL_LINES = 30
 # The child: pins itself to its cores before anything imports JAX (whose CPU client sizes its
@@ -158,4 +154,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _PROCESSES = flags.DEFINE_integer("processes", 2, "Number of processes (P).")
+    _PIN = flags.DEFINE_boolean("pin", True, "Give process i the i-th of P equal blocks of the cores.")
+    _LOGDIR = flags.DEFINE_string("logdir", None, "Logs of processes 1..P-1 (default: a new temp dir).")
     app.run(main)

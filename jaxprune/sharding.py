@@ -49,7 +49,7 @@ def initialize_from_env() -> bool:
     """Starts JAX's multi-host runtime if the environment describes a cluster; True if started.
 
     * JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID: explicit.
-    * SLURM (SLURM_JOB_ID with SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE > 1): JAX detects
+    * SLURM (SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE > 1): JAX detects
       coordinator, process count and id itself (`jax.distributed.initialize()` without arguments).
     * Otherwise (one process): does nothing. Call before any other JAX call.
     """
@@ -162,14 +162,16 @@ def local_block(leaf: jax.Array, device: jax.Device) -> jax.Array:
 
 
 def local_mesh_devices(mesh: Mesh) -> list[jax.Device]:
-    """This process's devices along the mesh's "seeds" axis, in mesh order."""
+    """This process's devices in the mesh's first "batch" column (all its seed-axis devices when
+    there are no batch shards, as for the listed strategies), in mesh order."""
     return [d for d in mesh.devices[:, 0] if d.process_index == jax.process_index()]
 
 
 def from_blocks(blocks: Sequence[PyTree], mesh: Mesh) -> PyTree:
     """One seed-sharded pytree from this process's per-device seed blocks (pytrees of equal
     shapes, each on its device), in the order of `local_mesh_devices(mesh)`; on several
-    processes the others hold the rest."""
+    processes the others hold the rest. Meshes without batch shards only."""
+    _check_seeds_only(mesh, "from_blocks")
 
     def one(*leaves: jax.Array) -> jax.Array:
         shape = (leaves[0].shape[0] * mesh.shape[SEEDS], *leaves[0].shape[1:])
@@ -179,8 +181,19 @@ def from_blocks(blocks: Sequence[PyTree], mesh: Mesh) -> PyTree:
     return jax.tree.map(one, *blocks)
 
 
+def _check_seeds_only(mesh: Mesh, name: str) -> None:
+    # With batch shards a seed block spans a row of devices, which may belong to several
+    # processes: one block per seed-axis device would silently place half of each row.
+    if mesh.shape[BATCH] != 1:
+        raise ValueError(f"{name} takes a mesh without batch shards, got mesh shape "
+                         f"{dict(mesh.shape)} (batch_shards > 1 is for the 'sharded' strategy)")
+
+
 def to_host(tree: PyTree) -> PyTree:
-    """numpy copies of (possibly multi-host) sharded arrays, gathered on every process."""
+    """numpy copies of (possibly multi-host) sharded arrays, gathered on every process; typed PRNG
+    keys come back as their raw key data (`jax.random.key_data`), which numpy can hold."""
+    tree = jax.tree.map(lambda v: jax.random.key_data(v) if isinstance(v, jax.Array)
+                        and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v, tree)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
