@@ -507,6 +507,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
         assert [a[k] for k in ("pruner", "sparsity", "method")] == [
             b[k] for k in ("pruner", "sparsity", "method")]
         np.testing.assert_allclose(a["test_error"], b["test_error"], atol=1.01 / 360)
+        assert ("expected_density" in a) == ("expected_density" in b)  # PFT rows only
         np.testing.assert_allclose(a.get("expected_density", 0), b.get("expected_density", 0),
                                    atol=1e-5)
     # flatness: each process measured one of the two runs (placement: run -> device id, this
