@@ -44,7 +44,7 @@ class RunState(struct.PyTreeNode):
     train: train.TrainState
     alive: dict[str, jax.Array]  # (O,) bool per pruned unit: not yet selected by an event
     targeted: dict[str, jax.Array]  # (O,) bool: channels in the open noise window
-    saved: dict[str, PyTree]  # layer values saved when the window opened (restore variant)
+    saved: dict[str, PyTree]  # layer values and BN statistics saved when the window opened
     remaining: dict[str, jax.Array]  # () int32: training batches left in the window
 
 
@@ -153,11 +153,28 @@ def _set_layer(params: PyTree, u: models.ConvUnit, layer: dict[str, jax.Array]) 
     return params
 
 
+def _stats(batch_stats: PyTree, u: models.ConvUnit) -> dict[str, jax.Array]:
+    """The unit's BatchNorm running mean and variance (channels last), or {} without BN."""
+    return dict(masks.get_path(batch_stats, u.bn_path)) if u.bn_path else {}
+
+
+def _set_stats(batch_stats: PyTree, u: models.ConvUnit, stats: dict[str, jax.Array]) -> PyTree:
+    if not u.bn_path:
+        return batch_stats
+    return masks.set_path(batch_stats, u.bn_path, {**masks.get_path(batch_stats, u.bn_path), **stats})
+
+
+def _saved(state: train.TrainState, u: models.ConvUnit) -> dict[str, jax.Array]:
+    """What a restore window saves (notes §3, `cumu_N_zeroing_restore`): kernel, BN scale and bias,
+    and BN running mean and variance."""
+    return {**_layer(state.params, u), **_stats(state.batch_stats, u)}
+
+
 def init_run(key: jax.Array, *, model, sample_x: jax.Array, tx: optax.GradientTransformation,
              units: tuple[models.ConvUnit, ...]) -> RunState:
     st = train.init_state(key, model, sample_x, tx)
     alive = {u.name: jnp.ones((masks.get_path(st.params, u.kernel_path).shape[-1],), bool) for u in units}
-    saved = {u.name: jax.tree.map(jnp.zeros_like, _layer(st.params, u)) for u in units}
+    saved = {u.name: jax.tree.map(jnp.zeros_like, _saved(st, u)) for u in units}
     return RunState(st, alive, {n: jnp.zeros_like(a) for n, a in alive.items()}, saved,
                     {n: jnp.zeros((), jnp.int32) for n in alive})
 
@@ -181,7 +198,8 @@ def prune_event(state: RunState, key: jax.Array, k: jax.Array, spec: RunSpec, *,
 
     Permanent runs mask the kernel, BN scale/bias (and projection shortcut) of the selected channels
     and zero their stored weights; BN running statistics are untouched. Noise runs keep the mask and
-    open a window of `spec.window` batches on the new (or, if cumulative, all) selected filters.
+    open a window of `spec.window` batches on the new (or, if cumulative, all) selected filters,
+    saving their layer values and BN statistics (`_saved`) for a restore.
     Returns the new state and the number pruned per layer (L,).
     """
     params = state.train.params
@@ -194,8 +212,8 @@ def prune_event(state: RunState, key: jax.Array, k: jax.Array, spec: RunSpec, *,
         new_window = jnp.any(sel.pruned) & ~spec.permanent & (spec.noise != NOISE_NONE)
         tgt = jnp.where(spec.cumulative, ~sel.alive, sel.pruned)
         targeted[u.name] = jnp.where(new_window, tgt, state.targeted[u.name])
-        saved[u.name] = jax.tree.map(lambda a, b: jnp.where(new_window, a, b), _layer(params, u),
-                                     state.saved[u.name])
+        saved[u.name] = jax.tree.map(lambda a, b: jnp.where(new_window, a, b),
+                                     _saved(state.train, u), state.saved[u.name])
         remaining[u.name] = jnp.where(new_window, spec.window, state.remaining[u.name])
     perm_mask = masks.channel_to_param_mask(
         params, {u.name: alive[u.name] for u in units}, units)
@@ -235,17 +253,22 @@ def _perturb(state: RunState, key: jax.Array, spec: RunSpec, units: tuple[models
 
 def _close_windows(state: RunState, spec: RunSpec, units: tuple[models.ConvUnit, ...]) -> RunState:
     """After a training batch: count the window down; a closing zeroing window returns the targeted
-    channels at their saved values (restore) or at zero, updates made during it discarded."""
-    params, remaining = state.train.params, {}
+    channels at their saved values (restore: kernel, BN scale, bias and running statistics, as the
+    reference does) or at zero (the kernel only), updates made during it discarded."""
+    params, stats, remaining = state.train.params, state.train.batch_stats, {}
     for u in units:
         closing = (state.remaining[u.name] == 1) & (spec.noise == NOISE_ZERO)
-        layer = _layer(params, u)
+        layer = {**_layer(params, u), **_stats(stats, u)}
         ended = scoring.end_zeroing(layer, state.saved[u.name], state.targeted[u.name], spec.restore)
         # Return at zero touches the kernel only (BN was never zeroed in that variant).
         ended = {k: jnp.where(spec.restore | (k == "kernel"), v, layer[k]) for k, v in ended.items()}
-        params = _set_layer(params, u, jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer))
+        ended = jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer)
+        params = _set_layer(params, u, ended)
+        if u.bn_path:
+            stats = _set_stats(stats, u, {"mean": ended["mean"], "var": ended["var"]})
         remaining[u.name] = jnp.maximum(state.remaining[u.name] - 1, 0)
-    return state.replace(train=state.train.replace(params=params), remaining=remaining)
+    return state.replace(train=state.train.replace(params=params, batch_stats=stats),
+                         remaining=remaining)
 
 
 def run_step(state: RunState, x: jax.Array, y: jax.Array, idx: jax.Array, key: jax.Array,

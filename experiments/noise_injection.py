@@ -12,7 +12,8 @@ Prune_L; the conditions differ only in what happens to them:
     batches, then returned AT ZERO (they keep training from zero; BN scale/bias are left alone, else
     the channel would be a dead fixed point, see gst._perturb);
   * `restore:N`: every filter targeted so far is zeroed for N batches, then RESTORED bit for bit to
-    its values (and BN running statistics are kept) from before the window;
+    its values from before the window, BN running mean and variance included (as the reference
+    does; before stop 23 the statistics were not restored);
   * `gauss:N`: Gaussian noise with the std of the unperturbed filters' weights is added to the newly
     targeted kernels before each of N batches (it accumulates, as in the reference).
 Windows count training batches only (one epoch = num_train // batch_size = 16 batches by default).
