@@ -136,11 +136,11 @@ def check_probs(probs: PyTree) -> None:
         if isinstance(x, jax.core.Tracer):
             continue
         a = np.asarray(x)
-        if np.isnan(a).any() or (a < 0).any() or (a > 1).any():
-            raise ValueError(
-                f"leaf {path_str(p)!r}: probabilities must lie in [0, 1], got range "
-                f"[{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]" + (" with NaN" if np.isnan(a).any() else "")
-            )
+        nan = np.isnan(a)
+        if nan.any() or (a < 0).any() or (a > 1).any():
+            got = ("only NaN" if nan.all() else
+                   f"range [{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]" + (" with NaN" if nan.any() else ""))
+            raise ValueError(f"leaf {path_str(p)!r}: probabilities must lie in [0, 1], got {got}")
 
 
 def check_sparsity(sparsity_: float) -> None:

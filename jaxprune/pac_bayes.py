@@ -269,7 +269,9 @@ def kl_inv(q: ArrayLike, c: ArrayLike) -> jax.Array:
     """kl⁻¹(q, c) = sup{p ∈ [q, 1] : kl(q‖p) ≤ c}, elementwise (q ∈ [0, 1], c ≥ 0, broadcast).
 
     Bisection with a fixed 64 steps (jit-able) returning the upper end of the bracket, so the
-    result is never below the exact root. Differentiable in q and c by the implicit function
+    result is never below the root of kl as evaluated in the working precision. In float32 that
+    root can sit below the exact one (q = 0.5, c = 1e-6: 0.5007008 against 0.5007071); in float64
+    by ~1e-16, which is why `certificate` evaluates in float64. Differentiable in q and c by the implicit function
     theorem; the true dp/dc at c = 0 and dp/dq at q = 0 are infinite and are clamped to large
     finite values.
     """

@@ -114,12 +114,23 @@ def test_run_indices_out_of_range_raise(stability_dir, tmp_path):
         fexp.run(c, str(tmp_path))
 
 
-@pytest.mark.usefixtures("fast_compile")
-def test_flatness_quick_on_stability_run(stability_dir, tmp_path):
+@pytest.fixture(scope="module")
+def flatness_quick(stability_dir, tmp_path_factory):
+    """experiments/flatness.py's quick preset on the tiny study: (config, workdir, output)."""
     c = fexp.get_config()
     c.quick = True
     c.stability_workdir = stability_dir
-    out = fexp.run(c, str(tmp_path))
+    d = tmp_path_factory.mktemp("flatness")
+    jax.config.update("jax_disable_most_optimizations", True)  # fast_compile, module-scoped
+    try:
+        out = fexp.run(c, str(d))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", False)
+    return c, d, out
+
+
+def test_flatness_quick_on_stability_run(flatness_quick):
+    c, tmp_path, out = flatness_quick
     for f in ("config.json", "measures.jsonl", "measures.csv", "correlations.jsonl",
               "correlations.md", "table.md", "timing.jsonl", "summary.jsonl",
               "scatter_stability.png", "scatter_test.png", "spectrum.png"):
@@ -167,3 +178,100 @@ def test_flatness_quick_on_stability_run(stability_dir, tmp_path):
         assert 0 <= r["pearson_p"] <= 1 and 0 <= r["kendall_p"] <= 1 and r["n"] >= 3
     assert all(cf in open(tmp_path / "table.md").read() for cf in ("none", "S_r1", "L_r1"))
     assert len(out["measures"]) == 6
+
+
+def test_flatness_measures_match_exact_hessian_and_gradients(stability_dir, flatness_quick):
+    """Every run's loss, accuracy, kept count and Tr(C) (uncentred and centred) against per-example
+    gradients of the masked eval-mode loss on the first 64 test images, and run 4 (Prune_L) against
+    its exact 814 x 814 Hessian: Hutchinson and Hutch++ within 5 standard errors of Tr(D H D),
+    Lanczos and power-iteration Ritz values below the exact eigenvalues (Cauchy interlacing).
+    Catches measures on the wrong examples (e.g. num_examples before the quick preset), without
+    the mask, in train-mode BN or on another run's checkpoint, and a mis-normalised Tr(C)."""
+    from jax.flatten_util import ravel_pytree
+
+    from experiments import gst, stability
+    from jaxprune import masks, train
+
+    c, _, out = flatness_quick
+    n = fexp._preset(c).num_examples
+    with open(os.path.join(stability_dir, "config.json")) as f:
+        sc = stability._preset(config_dict.ConfigDict(json.load(f)))
+    states, _ = stability.load_states(sc, stability_dir)
+    ds = gst.load_data(sc.data)
+    model = fexp.common.make_model(sc.model, ds.num_classes)
+    x, y = jnp.asarray(ds.test.x[:n]), jnp.asarray(ds.test.y[:n])
+    unravel = ravel_pytree(jax.tree.map(lambda v: v[0], states.train.params))[1]
+
+    def loss(w, bs, xb, yb):
+        logits, _ = train.forward(model, unravel(w), bs, None, xb, train=False)
+        return train.cross_entropy(logits, yb), jnp.mean(jnp.argmax(logits, -1) == yb)
+
+    @jax.jit
+    def exact(w, bs):
+        per_example = jax.vmap(jax.grad(lambda w, xi, yi: loss(w, bs, xi[None], yi[None])[0]),
+                               in_axes=(None, 0, 0))
+        return loss(w, bs, x, y), per_example(w, x, y)
+
+    for i, r in enumerate(out["measures"]):
+        st = jax.tree.map(lambda v, i=i: v[i], states.train)
+        w = ravel_pytree(masks.apply(st.params, st.mask))[0]
+        m = np.asarray(ravel_pytree(st.mask)[0], np.float64)
+        (value, acc), g = exact(w, st.batch_stats)
+        g = np.asarray(g, np.float64) * m  # kept coordinates
+        assert r["num_kept"] == int(m.sum()) and (m.sum() < m.size) == (r["period"] > 0)
+        assert r["loss"] == pytest.approx(float(value), rel=1e-5)
+        assert r["accuracy"] == pytest.approx(float(acc), abs=1e-7)
+        np.testing.assert_allclose(r["cov_trace"], np.mean(np.sum(g ** 2, 1)), rtol=1e-4)
+        np.testing.assert_allclose(r["cov_trace_centred"], np.mean(np.sum((g - g.mean(0)) ** 2, 1)),
+                                   rtol=1e-4)
+        if i != 4:
+            continue
+        hess = jax.jit(jax.hessian(lambda w: loss(w, st.batch_stats, x, y)[0]))
+        h = np.asarray(hess(w), np.float64)
+        hk = (h + h.T) / 2 * np.outer(m, m)  # D H D
+        eig = np.sort(np.linalg.eigvalsh(hk))[::-1]
+        for k in ("trace_hutch", "trace_hutchpp"):  # unbiased: within 5 of their standard errors
+            assert abs(r[k] - np.trace(hk)) < 5 * r[k + "_se"], (k, r[k], np.trace(hk))
+        top = np.asarray(r["lanczos_top"])
+        np.testing.assert_array_less(top, eig[: top.size] + 1e-3 * eig[0])
+        # Largest Ritz value / Rayleigh quotient: never above lambda_max, and (6 Lanczos steps,
+        # 5 power steps; measured 0.05 % and 0.6 % below) close to it.
+        assert 0.9 * eig[0] < r["lambda_max_lanczos"] and 0.8 * eig[0] < r["lambda_max_power"]
+        assert r["lambda_max_power"] <= eig[0] * (1 + 1e-3)
+
+
+def test_correlations_match_scipy_and_skip_what_they_should():
+    """fexp.correlations on hand-made rows against scipy: pairs with a NaN measure are dropped,
+    groups with < 3 finite points or a constant side are skipped, the 'pruned runs' group holds
+    only period > 0, and bookkeeping fields (kept_*, *_se, lists, strings, the targets
+    themselves) are never correlated. Catches NaN rows kept, the two groups mixed up, a minimum
+    of 2 points, and run metadata (run, seed, best_epoch, ...) treated as a measure."""
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(7):
+        rows.append(dict(run=i, index=i, seed=i % 2, config="none" if i < 2 else "L_r1",
+                         period=0 if i < 2 else 1, rate=0.0, mean_stability=rng.normal(90, 3),
+                         best_test=rng.uniform(0.5, 0.9), gap=rng.normal(0.1, 0.05),
+                         best_epoch=i % 3, train_at_best=rng.uniform(), final_test=rng.uniform(),
+                         num_events=i % 2,
+                         tic_damping=5.0, trace_hutch=rng.normal(5, 1),
+                         trace_hutch_se=0.1, kept_conv2=2, lanczos_top=[1.0, 0.5],
+                         eps=float("nan") if i in (2, 3, 4) else rng.normal(0.2, 0.05),
+                         flat=1.0, loss=rng.normal(2.0, 0.2)))
+    got = {(r["measure"], r["target"], r["group"]): r for r in fexp.correlations(rows)}
+    targets = ("mean_stability", "best_test", "gap")
+    # eps: 4 finite values overall, 2 among pruned runs (skipped); flat is constant (skipped).
+    assert set(got) == {(m, t, g) for m in ("trace_hutch", "loss") for t in targets
+                        for g in ("pruned runs", "all runs")} | {("eps", t, "all runs")
+                                                                 for t in targets}
+    for (measure, target, group), r in got.items():
+        rs = [q for q in rows if group == "all runs" or q["period"] > 0]
+        xy = np.array([(q[measure], q[target]) for q in rs])
+        xy = xy[np.isfinite(xy).all(1)]
+        p, k = sps.pearsonr(xy[:, 0], xy[:, 1]), sps.kendalltau(xy[:, 0], xy[:, 1])
+        assert r["n"] == len(xy) == {"eps": 4}.get(measure, 5 if group == "pruned runs" else 7)
+        got_stats = [r["pearson_r"], r["pearson_p"], r["kendall_tau"], r["kendall_p"]]
+        np.testing.assert_allclose(got_stats, [p.statistic, p.pvalue, k.statistic, k.pvalue],
+                                   rtol=1e-12)

@@ -503,3 +503,94 @@ def test_vmapped_certified_risk_matches_single_calls():
     single = jax.jit(fn)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[single(e, k) for e, k in zip(errors, kls)])
     chex.assert_trees_all_close(batched, stacked, rtol=1e-6)
+
+
+# ------------------------------------------------------------- NaN, ranges and monotonicity
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    # Catches a validator that lets NaN through (NaN fails every comparison: `x < lo` misses it).
+    [
+        (lambda: pb.kl_inv(np.nan, 0.1), r"q .*nan"),
+        (lambda: pb.kl_inv(0.1, np.nan), r"c .*nan"),
+        (lambda: pb.kl_inv(-0.1, 0.1), "q"),
+        (lambda: pb.kl_bound(np.nan, 1.0, 100, 0.05), "empirical risk"),
+        (lambda: pb.kl_bound(1.5, 1.0, 100, 0.05), "empirical risk"),
+        (lambda: pb.kl_bound(0.1, np.nan, 100, 0.05), "kl"),
+        (lambda: pb.kl_bound(0.1, 1.0, np.nan, 0.05), "n must be an integer"),
+        (lambda: pb.kl_bound(0.1, 1.0, -5, 0.05), "n must be an integer"),
+        (lambda: pb.kl_bound(0.1, 1.0, 100, np.nan), "delta"),
+        (lambda: pb.kl_bound(0.1, 1.0, 100, np.array([0.05, np.nan])), "delta"),  # any entry
+        (lambda: pb.classic_bound(0.1, 1.0, 100, -0.05), "delta"),
+        (lambda: pb.catoni_bound(0.1, 1.0, 10, 0.05, c=np.nan), "Catoni"),
+        (lambda: pb.catoni_bound(0.1, 1.0, 10, 0.05, c=-1.0), "Catoni"),
+        (lambda: pb.lambda_bound(0.1, 1.0, 10, 0.05, lam=np.nan), "lam"),
+        (lambda: pb.lambda_bound(0.1, 1.0, 10, 0.05, lam=0.0), "lam"),
+        (lambda: pb.mc_upper_bound(0.1, 10, 1.0), "delta_prime"),
+        (lambda: pb.mc_upper_bound(0.1, 2.5, 0.01), "number of sampled"),
+        (lambda: pb.union_delta(1.0, 3), "delta"),
+        (lambda: pb.union_delta_countable(0.05, 0), "j must be an integer"),
+        (lambda: pb.union_delta_countable(0.05, 1.5), "j must be an integer"),
+        (lambda: pb.smooth_prior({"k": jnp.ones(2)}, 0.6), "eps"),
+        (lambda: pb.kl_bernoulli({"k": jnp.array([np.nan])}, 0.5), "'k'.*NaN"),
+        (lambda: pb.kl_bernoulli({"k": jnp.array([0.5])}, -0.1), "probabilities"),
+        (lambda: pb.kl_bernoulli_logits({"k": jnp.array([np.nan])}, 0.0), "'k'.*NaN"),
+        (lambda: pb.kl_gaussian_log_std({"w": jnp.array([np.nan])}, 0.0, 0.0, 0.0), "'w'.*finite"),
+        (lambda: pb.certified_risk(jnp.array([0.1, np.nan]), 1.0, 5, 0.05, 0.01), "errors_M"),
+        (lambda: pb.certificate(np.zeros((2, 3)), 1.0, **_OK), "3 examples per network but n = 5"),
+        (lambda: pb.certificate(np.zeros((0,)), 1.0, **_OK), "M >= 1"),
+        (lambda: pb.certificate(np.zeros(2), -1.0, **_OK), "kl must be >= 0"),
+        (lambda: pb.certificate(np.zeros(2), np.nan, **_OK), "not finite"),
+        (lambda: pb.certificate(np.zeros(2), 1.0, **{**_OK, "delta_prime": 0.0}), "delta_prime"),
+        (lambda: pb.certificate(np.zeros(2), 1.0, **{**_OK, "delta": np.nan}), "delta"),
+        (lambda: pb.certificate(np.zeros(2), 1.0, **{**_OK, "n": 5.5}), "n must be an integer"),
+        (
+            lambda: pb.certificate(np.zeros(2), 1.0, **{**_OK, "bound_indices": np.arange(-1, 4)}),
+            "non-negative",
+        ),
+        (
+            lambda: pb.certificate(np.zeros(2), 1.0, **{**_OK, "bound_indices": np.arange(0)}),
+            "empty",
+        ),
+    ],
+)
+def test_nan_and_out_of_range_arguments_raise(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def test_nan_under_jit_gives_nan_never_a_finite_bound():
+    """Under jit the checks cannot run; a NaN risk or KL must come back NaN, not a number that looks
+    like a certificate. Catches kl_inv's bisection turning NaN into its start bracket (hi = 1)."""
+    with jax.enable_x64(True):
+        for name, f in pb.BOUNDS.items():
+            for emp, kl in ((np.nan, 1.0), (0.1, np.nan)):
+                assert np.isnan(float(jax.jit(f)(emp, kl, 100, 0.05))), (name, emp, kl)
+        q, c = np.array([np.nan, 0.2, np.nan]), np.array([0.1, np.nan, 0.0])
+        inv = np.asarray(jax.jit(pb.kl_inv)(q, c))
+        assert np.isnan(inv).all()
+        mc = jax.jit(pb.certified_risk)(jnp.array([0.1, np.nan]), 1.0, 100, 0.05, 0.01)
+        assert np.isnan(np.asarray(mc)).all()
+
+
+def test_every_bound_is_monotone_in_risk_kl_n_and_delta():
+    """certified_risk plugs the MC *upper* bound on L_hat into every bound, which is valid only if
+    each bound is nondecreasing in L_hat (and a larger KL, smaller n or smaller delta can only
+    loosen it). Catches a sign slip such as Catoni's exp(-C L_hat) written exp(+C L_hat)."""
+    emp = np.linspace(0.0, 0.9, 46)
+    kls = np.array([0.0, 0.5, 3.0, 40.0])
+    ns = np.array([10, 100, 1000, 30000])
+    deltas = np.array([0.5, 0.1, 0.01, 1e-4])
+    with jax.enable_x64(True):
+        for name, f in pb.BOUNDS.items():
+            g = jax.jit(f)
+            by_emp_kl = np.asarray(g(emp[:, None], kls[None, :], 500, 0.05))  # (46, 4)
+            by_n = np.asarray(g(0.2, 5.0, ns, 0.05))
+            by_delta = np.asarray(g(0.2, 5.0, 500, deltas))
+            assert np.all(np.diff(by_emp_kl, axis=0) > 0), name  # strictly, in the risk
+            assert np.all(np.diff(by_emp_kl, axis=1) > 0), name  # strictly, in the KL
+            assert np.all(np.diff(by_n) < 0) and np.all(np.diff(by_delta) > 0), name
+            assert np.all(by_emp_kl >= emp[:, None]), name  # never below the empirical risk
+        inv = np.asarray(jax.jit(pb.kl_inv)(emp[:, None], kls[None, :] / 50))
+        assert np.all(np.diff(inv, axis=0) > 0) and np.all(np.diff(inv, axis=1) >= 0)
