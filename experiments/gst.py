@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,6 +169,28 @@ def _saved(state: train.TrainState, u: models.ConvUnit) -> dict[str, jax.Array]:
     """What a restore window saves (notes §3, `cumu_N_zeroing_restore`): kernel, BN scale and bias,
     and BN running mean and variance."""
     return {**_layer(state.params, u), **_stats(state.batch_stats, u)}
+
+
+def restore_runs(ckpt_dir: str, target: RunState, units: tuple[models.ConvUnit, ...]
+                 ) -> tuple[int, RunState, dict[str, Any]] | None:
+    """`train.restore_checkpoint` for stacked RunStates, also reading checkpoints written before
+    stop 23, whose `saved` held no BN statistics: those are filled with the checkpoint's own running
+    statistics, as if saved then (exact for a state with no restore window open, e.g. a finished
+    study; a window open in such a checkpoint closes without restoring them, as the old code did)."""
+    try:
+        return train.restore_checkpoint(ckpt_dir, target)
+    except ValueError as e:
+        old = target.replace(saved={n: {k: v for k, v in layer.items() if k not in ("mean", "var")}
+                                    for n, layer in target.saved.items()})
+        try:
+            out = train.restore_checkpoint(ckpt_dir, old)
+        except ValueError:
+            raise e from None  # not an old checkpoint either: the first error says why
+    step, state, meta = out
+    warnings.warn(f"{ckpt_dir}: a checkpoint from before stop 23 (no BN statistics in the restore "
+                  "windows' saved values); they are taken from the checkpoint's running statistics")
+    saved = {u.name: {**state.saved[u.name], **_stats(state.train.batch_stats, u)} for u in units}
+    return step, state.replace(saved=saved), meta
 
 
 def init_run(key: jax.Array, *, model, sample_x: jax.Array, tx: optax.GradientTransformation,
@@ -459,7 +482,7 @@ def train_runs(*, model, tx, units: tuple[models.ConvUnit, ...], scoring_name: s
     hist["pruned"] = np.zeros(counts.shape, np.int32)
     start = 0
     if ckpt_dir and checkpoint_every:
-        restored = train.restore_checkpoint(ckpt_dir, states)
+        restored = restore_runs(ckpt_dir, states, units)
         if restored is not None:
             start, states, meta = restored
             hist = {k: np.asarray(v, hist[k].dtype) for k, v in meta["hist"].items()}

@@ -328,7 +328,7 @@ def load_states(config: config_dict.ConfigDict, workdir: str) -> tuple[gst.RunSt
     init = functools.partial(gst.init_run, model=model, sample_x=sample_x, tx=tx, units=units)
     target = jax.eval_shape(jax.vmap(init), jax.random.split(jax.random.key(0), len(recs)))
     target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target)
-    out = train.restore_checkpoint(os.path.join(workdir, recs[0]["checkpoint"]), target)
+    out = gst.restore_runs(os.path.join(workdir, recs[0]["checkpoint"]), target, units)
     if out is None:
         raise ValueError(f"no checkpoint under {workdir}/{recs[0]['checkpoint']}")
     return out[1], recs

@@ -271,9 +271,9 @@ def kl_inv(q: ArrayLike, c: ArrayLike) -> jax.Array:
     Bisection with a fixed 64 steps (jit-able) returning the upper end of the bracket, so the
     result is never below the root of kl as evaluated in the working precision. In float32 that
     root can sit below the exact one (q = 0.5, c = 1e-6: 0.5007008 against 0.5007071); in float64
-    by ~1e-16, which is why `certificate` evaluates in float64. Differentiable in q and c by the implicit function
-    theorem; the true dp/dc at c = 0 and dp/dq at q = 0 are infinite and are clamped to large
-    finite values.
+    by ~1e-16, which is why `certificate` evaluates in float64. Differentiable in q and c by the
+    implicit function theorem; the true dp/dc at c = 0 and dp/dq at q = 0 are infinite and are
+    clamped to large finite values.
     """
     _check_interval("q (kl_inv)", q, 0.0, 1.0, "[]")
     _check_interval("c (kl_inv)", c, 0.0, math.inf, "[]")

@@ -713,3 +713,37 @@ def test_restore_window_also_restores_bn_running_statistics():
         np.testing.assert_array_equal(after[k][tgt], event[k][tgt])
         # ...and only those: the other channels' statistics kept training (catches a frozen layer).
         assert not np.any(after[k][~tgt] == event[k][~tgt]), k
+
+
+def test_restore_runs_reads_checkpoints_written_before_bn_statistics_were_saved(key, tmp_path):
+    """A checkpoint whose `saved` has no BN statistics (written before stop 23; a finished study
+    that experiments/flatness.py loads) restores with a warning, the statistics taken from its own
+    running statistics; a current one restores silently; a foreign structure raises orbax's error.
+    Catches load_states failing on every older stability workdir, and a fallback that hides real
+    mismatches."""
+    import warnings
+
+    model = models.get_model("small_cnn", 10, channels=(2, 4), dense=4, batch_norm=True)
+    x = jnp.ones((1, 4, 4, 1))
+    units = tuple(models.conv_units(model, model.init(key, x)["params"])[1:])
+    init = functools.partial(gst.init_run, model=model, sample_x=x, tx=optax.sgd(0.1), units=units)
+    state = jax.vmap(init)(jax.random.split(key, 2))
+    state = state.replace(train=state.train.replace(  # running statistics away from their init
+        batch_stats=jax.tree.map(lambda v: v + 0.5, state.train.batch_stats)))
+    old = state.replace(saved={n: {k: v for k, v in layer.items() if k not in ("mean", "var")}
+                               for n, layer in state.saved.items()})
+    train.save_checkpoint(str(tmp_path / "old"), 3, old, {"hist": {}})
+    with pytest.warns(UserWarning, match="before stop 23"):
+        step, got, meta = gst.restore_runs(str(tmp_path / "old"), state, units)
+    assert step == 3 and meta == {"hist": {}}
+    chex.assert_trees_all_equal(got.train, state.train)
+    for u in units:
+        stats = masks.get_path(state.train.batch_stats, u.bn_path)
+        chex.assert_trees_all_equal(got.saved[u.name], {**old.saved[u.name], **stats})
+    train.save_checkpoint(str(tmp_path / "new"), 1, state, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chex.assert_trees_all_equal(gst.restore_runs(str(tmp_path / "new"), state, units)[1], state)
+    wider = jax.vmap(init)(jax.random.split(key, 3))  # 3 runs against a 2-run checkpoint
+    with pytest.raises(ValueError):
+        gst.restore_runs(str(tmp_path / "new"), wider, units)
