@@ -177,16 +177,17 @@ def restore_runs(ckpt_dir: str, target: RunState, units: tuple[models.ConvUnit, 
     stop 23, whose `saved` held no BN statistics: those are filled with the checkpoint's own running
     statistics, as if saved then (exact for a state with no restore window open, e.g. a finished
     study; a window open in such a checkpoint closes without restoring them, as the old code did)."""
-    try:
+    stored = train.checkpoint_tree(ckpt_dir)
+    if stored is None:
+        return None
+    saved = stored.get("saved", {}) if isinstance(stored, dict) else {}
+    old_format = all(u.name in saved for u in units) and any(
+        u.bn_path and "mean" not in saved[u.name] for u in units)
+    if not old_format:  # current, or foreign (orbax's error then says what differs)
         return train.restore_checkpoint(ckpt_dir, target)
-    except ValueError as e:
-        old = target.replace(saved={n: {k: v for k, v in layer.items() if k not in ("mean", "var")}
-                                    for n, layer in target.saved.items()})
-        try:
-            out = train.restore_checkpoint(ckpt_dir, old)
-        except ValueError:
-            raise e from None  # not an old checkpoint either: the first error says why
-    step, state, meta = out
+    old = target.replace(saved={n: {k: v for k, v in layer.items() if k not in ("mean", "var")}
+                                for n, layer in target.saved.items()})
+    step, state, meta = train.restore_checkpoint(ckpt_dir, old)
     warnings.warn(f"{ckpt_dir}: a checkpoint from before stop 23 (no BN statistics in the restore "
                   "windows' saved values); they are taken from the checkpoint's running statistics")
     saved = {u.name: {**state.saved[u.name], **_stats(state.train.batch_stats, u)} for u in units}

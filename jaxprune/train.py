@@ -468,6 +468,19 @@ def restore_checkpoint(directory: str, target: PyTree) -> tuple[int, PyTree, dic
     return step, out["state"], out["meta"]
 
 
+def checkpoint_tree(directory: str) -> Any:
+    """The state's structure in the latest checkpoint of `directory` (nested dicts of orbax leaf
+    metadata; read without restoring any array), or None if there is none."""
+    if not os.path.isdir(directory):
+        return None
+    with _manager(directory, {}) as mgr:
+        step = mgr.latest_step()
+        if step is None:
+            return None
+        meta = mgr.item_metadata(step)["state"]
+    return getattr(meta, "tree", meta)
+
+
 # ----------------------------------------------------------------------------- host loop
 
 
