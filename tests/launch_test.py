@@ -41,12 +41,17 @@ def install_module(name: str, source: str, tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))  # the launcher checks the module exists
 
 
-@pytest.fixture
-def probe(tmp_path, monkeypatch):
-    install_module("jaxprune_probe", PROBE, tmp_path, monkeypatch)
+def installed_with_outdir(name: str, source: str, tmp_path, monkeypatch):
+    """install_module, then an empty tmp_path/out for the study to write into."""
+    install_module(name, source, tmp_path, monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     return out
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    return installed_with_outdir("jaxprune_probe", PROBE, tmp_path, monkeypatch)
 
 
 def test_core_blocks_split_evenly_and_refuse_too_many() -> None:
@@ -226,10 +231,7 @@ TINY = textwrap.dedent("""
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    install_module("jaxprune_tiny", TINY, tmp_path, monkeypatch)
-    out = tmp_path / "out"
-    out.mkdir()
-    return out
+    return installed_with_outdir("jaxprune_tiny", TINY, tmp_path, monkeypatch)
 
 
 def _read_tiny(out, processes: int = 2) -> list[dict]:

@@ -86,19 +86,8 @@ print("RESULT", json.dumps(out))
 """
 
 
-def _run_on_4_devices(script: str, timeout: int) -> dict:
-    """Runs `script` in a fresh interpreter with 4 fake CPU devices; its "RESULT {json}" line."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
-def test_sharded_seeds_equal_single_device() -> None:
-    out = _run_on_4_devices(SCRIPT, timeout=120)
+def test_sharded_seeds_equal_single_device(on_4_devices) -> None:
+    out = on_4_devices(SCRIPT, timeout=120)
     # Automatic with more than one device: conv nets on CPU sequentially per device.
     assert out["strategy"] == "sharded_sequential" and out["mlp_strategy"] == "sharded"
     for s, devices in (("4", 4), ("6", 3)):  # S = 6 on 4 devices: 3 devices, 2 seeds each
@@ -205,7 +194,7 @@ print("RESULT", json.dumps(out))
 """
 
 
-def test_stability_sharded_over_devices_equals_one_device() -> None:
+def test_stability_sharded_over_devices_equals_one_device(on_4_devices) -> None:
     """experiments/stability.py (gst.Runner) on 4 fake devices; its 10 runs split over 2 devices (the
     largest divisor of 10 that fits; with batch_shards = 2, 2 runs x 2 batch shards). "sharded_sequential" (the same single-run programs on two
     devices) equals "sequential" exactly. "sharded" (vmap per device) equals one-device "vmap" up
@@ -214,7 +203,7 @@ def test_stability_sharded_over_devices_equals_one_device() -> None:
     the vmapped convs are batched matmuls, on one device one XLA conv per seed (models/layers.py,
     `batched_seed_convs`); jax 0.12 moved two cells by two examples, jax 0.10.2 none by more than
     one."""
-    out = _run_on_4_devices(STABILITY_SCRIPT, timeout=400)
+    out = on_4_devices(STABILITY_SCRIPT, timeout=400)
     # "sharded" outputs span 2 devices, and 4 with batch_shards = 2 (2 run rows x 2 batch devices).
     assert out["devices"] == {"sharded": [2, 4], "sequential": [1], "sharded_sequential": [2]}
     assert out["sharded_sequential"] == out["sequential"]
@@ -274,13 +263,13 @@ print("RESULT", json.dumps(out))
 """
 
 
-def test_pac_bayes_sharded_over_devices_equals_one_device() -> None:
+def test_pac_bayes_sharded_over_devices_equals_one_device(on_4_devices) -> None:
     """experiments/pac_bayes.py quick preset (2 seeds) on 4 fake devices: prior training, PFT, the
     bound optimisation, KL, the Monte Carlo certificate and the test errors all run seed-sharded
     (2 devices, one seed each: every mapped call is recorded) and give the one-device "vmap"
     certificates (bitwise here); with batch_shards = 2 the dense, PFT and bound-optimisation
     minibatches are also split."""
-    out = _run_on_4_devices(PAC_BAYES_SCRIPT, timeout=300)
+    out = on_4_devices(PAC_BAYES_SCRIPT, timeout=300)
     assert set(out["devices"]) == {2, 4}  # 4: outputs of the batch-sharded dense and PFT epochs
     # Prior training and PFT, then the bound optimisation, the Monte Carlo certificate and the test
     # errors: every seed-mapped stage went through the mesh.
@@ -334,11 +323,11 @@ print("RESULT", json.dumps(out))
 """
 
 
-def test_flatness_runs_split_over_devices_equal_one_device() -> None:
+def test_flatness_runs_split_over_devices_equal_one_device(on_4_devices) -> None:
     """experiments/flatness.py quick preset on a 6-run stability study, 4 fake devices: runs 0-5 go
     to devices 0, 1, 2, 3, 0, 1 (one thread each) and measures.jsonl is byte-identical to measuring
     every run on one device (same single-run programs, same keys)."""
-    out = _run_on_4_devices(FLATNESS_SCRIPT, timeout=400)
+    out = on_4_devices(FLATNESS_SCRIPT, timeout=400)
     assert sorted(out["assign"].values()) == [[0, 4], [1, 5], [2], [3]]
     assert len(set(out["placement_all"].values())) == 4
     # "auto" does not split over the CPU devices of one process (slower on 2 cores, README).

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -233,18 +231,8 @@ FOUR_DEVICES = textwrap.dedent(r"""
 """)
 
 
-def _run_on_4_devices(script: str, timeout: int = 60) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
-def test_helpers_on_4_devices() -> None:
-    out = _run_on_4_devices(FOUR_DEVICES)
+def test_helpers_on_4_devices(on_4_devices) -> None:
+    out = on_4_devices(FOUR_DEVICES)
     # seed_mesh: the largest seed count dividing S that fits, times batch_shards; devices in order.
     # Catches d not dividing S (S = 6 on 4), batch_shards ignored, a transposed (batch, seeds) grid.
     assert out["meshes"] == {"None,1": [[4, 1], [0, 1, 2, 3]], "6,1": [[3, 1], [0, 1, 2]],
