@@ -159,16 +159,20 @@ def _stats(batch_stats: PyTree, u: models.ConvUnit) -> dict[str, jax.Array]:
     return dict(masks.get_path(batch_stats, u.bn_path)) if u.bn_path else {}
 
 
-def _set_stats(batch_stats: PyTree, u: models.ConvUnit, stats: dict[str, jax.Array]) -> PyTree:
-    if not u.bn_path:
-        return batch_stats
-    return masks.set_path(batch_stats, u.bn_path, {**masks.get_path(batch_stats, u.bn_path), **stats})
-
-
 def _saved(state: train.TrainState, u: models.ConvUnit) -> dict[str, jax.Array]:
     """What a restore window saves (notes §3, `cumu_N_zeroing_restore`): kernel, BN scale and bias,
     and BN running mean and variance."""
     return {**_layer(state.params, u), **_stats(state.batch_stats, u)}
+
+
+def _set_saved(state: train.TrainState, u: models.ConvUnit, values: dict[str, jax.Array]
+               ) -> train.TrainState:
+    """The inverse of `_saved`: writes kernel, BN scale and bias, and BN running statistics."""
+    stats = state.batch_stats
+    if u.bn_path:
+        stats = masks.set_path(stats, u.bn_path, {**masks.get_path(stats, u.bn_path),
+                                                  "mean": values["mean"], "var": values["var"]})
+    return state.replace(params=_set_layer(state.params, u, values), batch_stats=stats)
 
 
 def restore_runs(ckpt_dir: str, target: RunState, units: tuple[models.ConvUnit, ...]
@@ -279,20 +283,16 @@ def _close_windows(state: RunState, spec: RunSpec, units: tuple[models.ConvUnit,
     """After a training batch: count the window down; a closing zeroing window returns the targeted
     channels at their saved values (restore: kernel, BN scale, bias and running statistics, as the
     reference does) or at zero (the kernel only), updates made during it discarded."""
-    params, stats, remaining = state.train.params, state.train.batch_stats, {}
+    ts, remaining = state.train, {}
     for u in units:
         closing = (state.remaining[u.name] == 1) & (spec.noise == NOISE_ZERO)
-        layer = {**_layer(params, u), **_stats(stats, u)}
+        layer = _saved(ts, u)
         ended = scoring.end_zeroing(layer, state.saved[u.name], state.targeted[u.name], spec.restore)
         # Return at zero touches the kernel only (BN was never zeroed in that variant).
         ended = {k: jnp.where(spec.restore | (k == "kernel"), v, layer[k]) for k, v in ended.items()}
-        ended = jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer)
-        params = _set_layer(params, u, ended)
-        if u.bn_path:
-            stats = _set_stats(stats, u, {"mean": ended["mean"], "var": ended["var"]})
+        ts = _set_saved(ts, u, jax.tree.map(lambda a, b: jnp.where(closing, a, b), ended, layer))
         remaining[u.name] = jnp.maximum(state.remaining[u.name] - 1, 0)
-    return state.replace(train=state.train.replace(params=params, batch_stats=stats),
-                         remaining=remaining)
+    return state.replace(train=ts, remaining=remaining)
 
 
 def run_step(state: RunState, x: jax.Array, y: jax.Array, idx: jax.Array, key: jax.Array,

@@ -171,7 +171,11 @@ def from_blocks(blocks: Sequence[PyTree], mesh: Mesh) -> PyTree:
     """One seed-sharded pytree from this process's per-device seed blocks (pytrees of equal
     shapes, each on its device), in the order of `local_mesh_devices(mesh)`; on several
     processes the others hold the rest. Meshes without batch shards only."""
-    _check_seeds_only(mesh, "from_blocks")
+    if mesh.shape[BATCH] != 1:
+        # With batch shards a seed block spans a row of devices, which may belong to several
+        # processes: one block per seed-axis device would place half of each row.
+        raise ValueError(f"from_blocks takes a mesh without batch shards, got mesh shape "
+                         f"{dict(mesh.shape)} (batch_shards > 1 is for the 'sharded' strategy)")
 
     def one(*leaves: jax.Array) -> jax.Array:
         shape = (leaves[0].shape[0] * mesh.shape[SEEDS], *leaves[0].shape[1:])
@@ -179,14 +183,6 @@ def from_blocks(blocks: Sequence[PyTree], mesh: Mesh) -> PyTree:
                                                         list(leaves))
 
     return jax.tree.map(one, *blocks)
-
-
-def _check_seeds_only(mesh: Mesh, name: str) -> None:
-    # With batch shards a seed block spans a row of devices, which may belong to several
-    # processes: one block per seed-axis device would silently place half of each row.
-    if mesh.shape[BATCH] != 1:
-        raise ValueError(f"{name} takes a mesh without batch shards, got mesh shape "
-                         f"{dict(mesh.shape)} (batch_shards > 1 is for the 'sharded' strategy)")
 
 
 def to_host(tree: PyTree) -> PyTree:
