@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup demo test data
+.PHONY: setup demo test data reproduce
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PYTHONHASHSEED=0 $(PY) -m pytest -n 2
+
+# Reruns every study committed under results/ and compares the numbers (~16 min on 2 idle cores).
+reproduce: $(STAMP)
+	$(PY) -m experiments.reproduce --workdir=workdirs/reproduce
 
 # Optional: real Fashion-MNIST (Debian package dataset-fashion-mnist) for the stability study.
 data:
