@@ -234,13 +234,21 @@ def run_process(cmd: Sequence[str], log: Path) -> int:
 
 def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", rtol: float = 1e-5,
               runner: Callable[[Sequence[str], Path], int] = run_process) -> list[dict[str, Any]]:
-    """Runs `names` (and what they need) into workdir/NAME and compares each with
-    results_dir/DIR; one row per study, also written to reproduce.md / reproduce.jsonl."""
+    """Runs `names` (and what they need) into workdir/NAME, which must be new or empty, and
+    compares each with results_dir/DIR; one row per study, also written to reproduce.md and
+    reproduce.jsonl."""
     work = Path(workdir).resolve()
+    names = order(names)
+    # A study resumes from the checkpoints in its workdir: a rerun there would not recompute.
+    used = [str(work / n) for n in names if (work / n).is_dir() and any((work / n).iterdir())]
+    if used:
+        raise ValueError(f"study workdirs that already hold outputs: {', '.join(used)}; the studies "
+                         f"would resume from them instead of rerunning. Remove them or choose "
+                         f"another --workdir")
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     status: dict[str, str] = {}
-    for name in order(names):
+    for name in names:
         study = STUDIES[name]
         row: dict[str, Any] = {"study": name, "results": f"{results_dir}/{study.results}",
                                "command": " ".join(["python", *command(name, work)[1:]])}

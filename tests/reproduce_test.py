@@ -130,6 +130,20 @@ def test_a_failing_study_is_reported_and_its_dependants_skipped(tmp_path, monkey
         ("skipped", "needs first")]
 
 
+def test_a_used_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    (tmp_path / "results" / "a").mkdir(parents=True)
+    monkeypatch.setattr(rp, "STUDIES", {"first": rp.Study("a", "experiments.m1"),
+                                        "second": rp.Study("a", "experiments.m2", needs=("first",))})
+    (tmp_path / "w" / "first").mkdir(parents=True)
+    (tmp_path / "w" / "first" / "ckpt").mkdir()
+    (tmp_path / "w" / "second").mkdir()  # empty: fine
+    calls = []
+    with pytest.raises(ValueError, match="already hold outputs: .*first; the studies would resume"):
+        rp.reproduce(["second"], str(tmp_path / "w"), str(tmp_path / "results"),
+                     runner=lambda cmd, log: calls.append(cmd) or 0)
+    assert calls == []
+
+
 def test_list_prints_every_study_without_running(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--list", f"--workdir={tmp_path}"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
