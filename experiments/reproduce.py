@@ -101,23 +101,24 @@ class Comparison:
                 isinstance(new, (int, float)) and isinstance(old, (int, float))):
             if new != old:  # text (or a number against text): no tolerance; the first one is named
                 self.differing += 1
-                if not math.isinf(self.max_rel):
-                    self.max_abs, self.max_rel, self.where = math.inf, math.inf, where
+                self._keep(math.inf, math.inf, where)
             return
         if new == old or (math.isnan(new) and math.isnan(old)):
             return
         self.differing += 1
         diff = abs(new - old)
-        rel = diff / max(abs(new), abs(old)) if not math.isinf(diff) else math.inf
-        if rel > self.max_rel or (rel == self.max_rel and diff > self.max_abs):
-            self.max_abs, self.max_rel, self.where = diff, rel, where
+        self._keep(diff, diff / max(abs(new), abs(old)) if not math.isinf(diff) else math.inf, where)
 
     def merge(self, other: Comparison) -> None:
         self.compared += other.compared
         self.differing += other.differing
         self.structure += other.structure
-        if other.max_rel > self.max_rel or (other.max_rel == self.max_rel and other.max_abs > self.max_abs):
-            self.max_abs, self.max_rel, self.where = other.max_abs, other.max_rel, other.where
+        self._keep(other.max_abs, other.max_rel, other.where)
+
+    def _keep(self, diff: float, rel: float, where: str) -> None:
+        """Remembers the largest relative difference (ties: the larger absolute one, else the first)."""
+        if rel > self.max_rel or (rel == self.max_rel and diff > self.max_abs):
+            self.max_abs, self.max_rel, self.where = diff, rel, where
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
