@@ -249,7 +249,7 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     status: dict[str, str] = {}
-    for name in names:
+    for i, name in enumerate(names, 1):
         study = STUDIES[name]
         row: dict[str, Any] = {"study": name, "results": f"{results_dir}/{study.results}",
                                "command": " ".join(["python", *command(name, work)[1:]])}
@@ -261,7 +261,7 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
         elif not (Path(results_dir) / study.results).is_dir():
             row.update(verdict="skipped", note=f"no committed {results_dir}/{study.results}")
         else:
-            print(f"# reproduce: {name}: {row['command']}", file=sys.stderr, flush=True)
+            print(f"# reproduce [{i}/{len(names)}] {name}: {row['command']}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             code = runner(command(name, work), work / f"{name}.log")
             row["wall_s"] = round(time.perf_counter() - start, 1)
@@ -274,8 +274,8 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
                            note="; ".join(c.structure[:3]))
         status[name] = row["verdict"]
         rows.append(row)
-        print(f"# reproduce: {name}: {row['verdict']}" + (f" ({row['note']})" if row.get("note") else ""),
-              file=sys.stderr, flush=True)
+        note = f" ({row['note']})" if row.get("note") else ""
+        print(f"# reproduce [{i}/{len(names)}] {name}: {row['verdict']}{note}", file=sys.stderr, flush=True)
     (work / "reproduce.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "reproduce.md").write_text(table(rows))
     return rows

@@ -38,7 +38,8 @@ def test_compare_jsonl_reports_the_largest_relative_difference_and_where():
 
 
 def test_compare_jsonl_strings_nan_and_structure():
-    c = rp.compare_jsonl(_jsonl({"h": "abc", "r": float("nan")}), _jsonl({"h": "abd", "r": float("nan")}), "f")
+    nan = float("nan")
+    c = rp.compare_jsonl(_jsonl({"h": "abc", "r": nan}), _jsonl({"h": "abd", "r": nan}), "f")
     assert (c.differing, c.where, math.isinf(c.max_rel)) == (1, "f:1.h", True)
     assert rp.verdict(c, 1.0) == "differs"  # a string never counts as float rounding
     short = rp.compare_jsonl(_jsonl({"a": 1}), _jsonl({"a": 1}, {"a": 2}), "f")
