@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -277,8 +278,19 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
         note = f" ({row['note']})" if row.get("note") else ""
         print(f"# reproduce [{i}/{len(names)}] {name}: {row['verdict']}{note}", file=sys.stderr, flush=True)
     (work / "reproduce.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (work / "reproduce.md").write_text(table(rows))
+    (work / "reproduce.md").write_text(f"# reproduce: {host()}\n\n{table(rows)}")
     return rows
+
+
+def host() -> str:
+    """Where the reruns ran. Bitwise equality needs the same code, jax version and CPU signature
+    (`common.host_cpu_signature`: model and instruction sets, which XLA's CPU code generation reads)."""
+    # Imported here: they import jax, which the parent process needs only for this line.
+    from experiments.benchmarks.roofline import machine
+    from experiments.common import host_cpu_signature
+
+    return (f"python {platform.python_version()}, {machine()}, CPU signature {host_cpu_signature()}, "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -116,7 +116,9 @@ def test_reproduce_with_a_stand_in_runner(tmp_path, monkeypatch):
     assert "data missing" in rows[2]["note"] and rows[3]["note"] == "needs third"
     written = [json.loads(line) for line in (work / "reproduce.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in written] == ["bitwise", "float", "skipped", "skipped"]
-    assert (work / "reproduce.md").read_text().count("\n") == 2 + 4
+    md = (work / "reproduce.md").read_text()
+    assert md.startswith("# reproduce: python ") and ", jax " in md and "CPU signature " in md
+    assert md.count("\n") == 2 + 2 + 4  # host line, blank line, header, rows
 
 
 def test_a_failing_study_is_reported_and_its_dependants_skipped(tmp_path, monkeypatch):
