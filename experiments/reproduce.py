@@ -1,6 +1,6 @@
 """Reruns the studies whose outputs are committed under results/ and compares the new numbers.
 
-  python -m experiments.reproduce --workdir=workdirs/reproduce              # every study, ~15 min
+  python -m experiments.reproduce --workdir=workdirs/reproduce              # every study, ~14 min
   python -m experiments.reproduce --studies=pft,linear_theory --workdir=w   # some of them
   python -m experiments.reproduce --list                                    # names and commands
 
@@ -14,8 +14,9 @@ A study is "bitwise" when every compared value is equal, "float" when the larges
 difference is at most `--rtol` (rounding of another CPU or code version), else "differs" (with the
 largest difference and where it is), "structure" when records or text do not line up, "failed"
 when the study exits non-zero, and "skipped" when its data is missing. Written: reproduce.md (the
-table) and reproduce.jsonl. Training is bitwise reproducible on one host and code version; other
-CPUs round differently and chaotic training amplifies it (README, "Reproducing the results").
+host, then the table) and reproduce.jsonl. WORKDIR/NAME must be new (a study resumes from its
+checkpoints). Training is bitwise reproducible on one host and code version; other CPUs round
+differently and chaotic training amplifies it (README, "Reproducing the committed results").
 """
 
 from __future__ import annotations
