@@ -36,7 +36,7 @@ from typing import Any
 
 from absl import app, flags
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from jaxprune.data import FASHION_MNIST_DIR as FMNIST_DIR
 # Keys and lines that hold wall or CPU times: they differ between any two runs.
 TIMING_KEY = re.compile(r"seconds|wall|elapsed|(^|_)time($|_)|_s$", re.IGNORECASE)
 TIMING_LINE = re.compile(r"wall|seconds|runtime|\bms\b", re.IGNORECASE)
@@ -211,6 +211,11 @@ def command(name: str, workdir: Path) -> list[str]:
     return [sys.executable, "-m", study.module, f"--workdir={workdir / name}", *args]
 
 
+def shown(name: str, workdir: Path) -> str:
+    """`command` as a user would type it."""
+    return " ".join(["python", *command(name, workdir)[1:]])
+
+
 def order(names: Sequence[str]) -> list[str]:
     """`names` with the studies they need first (each once), in registry order otherwise."""
     unknown = sorted(set(names) - set(STUDIES))
@@ -254,7 +259,7 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
     for i, name in enumerate(names, 1):
         study = STUDIES[name]
         row: dict[str, Any] = {"study": name, "results": f"{results_dir}/{study.results}",
-                               "command": " ".join(["python", *command(name, work)[1:]])}
+                               "command": shown(name, work)}
         blocked = [m for m in study.needs if status.get(m) in ("failed", "skipped")]
         if study.data is not None and not os.path.exists(study.data):
             row.update(verdict="skipped", note=f"data missing: {study.data} (make data)")
@@ -286,7 +291,7 @@ def reproduce(names: Sequence[str], workdir: str, results_dir: str = "results", 
 def host() -> str:
     """Where the reruns ran. Bitwise equality needs the same code, jax version and CPU signature
     (`common.host_cpu_signature`: model and instruction sets, which XLA's CPU code generation reads)."""
-    # Imported here: they import jax, which the parent process needs only for this line.
+    # Imported here: they pull in the models and flax, which the parent needs only for this line.
     from experiments.benchmarks.roofline import machine
     from experiments.common import host_cpu_signature
 
@@ -310,8 +315,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _LIST.value:
         for name, study in STUDIES.items():
-            print(f"{name}: results/{study.results} <- "
-                  + " ".join(["python", *command(name, Path(_WORKDIR.value))[1:]]))
+            print(f"{name}: results/{study.results} <- {shown(name, Path(_WORKDIR.value))}")
         return
     try:
         rows = reproduce(_STUDIES.value or list(STUDIES), _WORKDIR.value, _RESULTS.value, _RTOL.value)
